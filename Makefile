@@ -1,0 +1,43 @@
+# pcodec — every target sets up what it needs (a virtualenv in .venv) on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+KODAK  ?= ../shared/data/kodak
+TRAIN  ?= ../shared/data/train
+DEMO   := demo-output
+
+.PHONY: help install test demo bench train export lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install pcodec with its pinned dependencies
+
+test: $(STAMP)  ## run the test suite (what CI runs)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+demo: $(STAMP)  ## encode the bundled sample, decode it at several layers and byte budgets
+	mkdir -p $(DEMO)
+	$(BIN)/pcodec encode samples/parrots.png -o $(DEMO)/parrots.pcb
+	$(BIN)/pcodec info $(DEMO)/parrots.pcb
+	for k in 1 2 4 8; do $(BIN)/pcodec decode $(DEMO)/parrots.pcb --layers $$k -o $(DEMO)/parrots.l$$k.png; done
+	for n in 1500 4000 10000; do \
+	  $(BIN)/pcodec truncate $(DEMO)/parrots.pcb --bytes $$n -o $(DEMO)/parrots.$$n.pcb && \
+	  $(BIN)/pcodec decode $(DEMO)/parrots.$$n.pcb -o $(DEMO)/parrots.b$$n.png; done
+	@echo "demo outputs in $(DEMO)/"
+
+train: $(STAMP)  ## train (resumes from ~/.cache/pcodec/runs/hp128) with Kodak evaluation
+	$(BIN)/pcodec train --config hp128 --data $(TRAIN) --kodak $(KODAK)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check pcodec tests
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,322 @@
+"""Command-line interface (click). Only argument handling lives here; torch is imported only
+by the commands that run a network (encode, decode, bench, train), so `--help`, `info` and
+`truncate` start instantly."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__, container
+from .errors import PcodecError, UsageError
+
+STDIO = "-"
+
+
+def _say(message: str):
+    click.echo(message, err=True)
+
+
+class Batch:
+    """Runs one action per input, going on past failures; remembers the worst exit code."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.exit_code = 0
+        self.failed = 0
+
+    def warn(self, message: str):
+        if not self.quiet:
+            _say(f"pcodec: warning: {message}")
+
+    def run(self, name: str, action):
+        try:
+            action()
+        except PcodecError as error:
+            _say(f"pcodec: error: {error}")
+            self.exit_code = self.exit_code or error.exit_code
+            self.failed += 1
+        except MemoryError:
+            _say(f"pcodec: error: {name}: out of memory")
+            self.exit_code = self.exit_code or 1
+            self.failed += 1
+
+    def finish(self, total: int):
+        if total > 1 and self.failed and not self.quiet:
+            _say(f"pcodec: {self.failed} of {total} inputs failed")
+        sys.exit(self.exit_code)
+
+
+def _output_for(input_path: str, output: str | None, total: int, default_suffix: str) -> str:
+    """Where one input's result goes: -o as given (a folder when several inputs), else a
+    name next to the input that never replaces an existing file; stdin goes to stdout."""
+    from .imageio import free_name
+
+    if output is not None and total > 1:
+        folder = Path(output)
+        if not folder.is_dir():
+            raise UsageError(f"-o {output}: must be an existing folder when several inputs are given")
+        base = Path(input_path).name if input_path != STDIO else "stdin"
+        return str(free_name(folder / (Path(base).stem + default_suffix)))
+    if output is not None:
+        if Path(output).is_dir():
+            base = Path(input_path).name if input_path != STDIO else "stdin"
+            return str(free_name(Path(output) / (Path(base).stem + default_suffix)))
+        return output
+    if input_path == STDIO:
+        return STDIO
+    path = Path(input_path)
+    return str(free_name(path.with_name(path.stem + default_suffix)))
+
+
+def _check_not_input(input_path: str, output: str):
+    from .imageio import same_file
+
+    if same_file(input_path, output):
+        raise UsageError(f"{output}: refusing to overwrite the input")
+
+
+def _stats(name: str, output: str, size: int, width: int, height: int, layers: int, seconds: float,
+           quiet: bool, extra: str = ""):
+    if not quiet:
+        target = "stdout" if output == STDIO else output
+        _say(f"{name} -> {target}: {size} bytes, {8 * size / (width * height):.4f} bpp, "
+             f"{width}x{height}, {layers} layers{extra}, {seconds:.2f} s")
+
+
+max_pixels_option = click.option(
+    "--max-pixels", type=click.IntRange(min=1), default=None,
+    help="Refuse images larger than this many pixels [default: 268435456, or $PCODEC_MAX_PIXELS].")
+overwrite_option = click.option("--no-overwrite", is_flag=True,
+                                help="Fail instead of replacing an existing output file.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="pcodec")
+@click.option("-q", "--quiet", is_flag=True, help="No statistics or warnings on stderr.")
+@click.pass_context
+def main(ctx, quiet):
+    """pcodec: a progressive learned image codec. One embedded .pcb stream per image; any
+    prefix of it (after a layer, or at any byte) decodes to the best image it allows.
+
+    \b
+    Exit codes: 0 ok, 1 runtime or I/O error, 2 usage error,
+                3 corrupt, truncated or unsupported stream.
+    """
+    ctx.obj = {"quiet": quiet}
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Output file, '-' for stdout, or a folder for several inputs.")
+@click.option("--model", "model_id", default=None, help="Model id from models/manifest.json.")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Code only the first K layers [default: all].")
+@max_pixels_option
+@overwrite_option
+@click.pass_obj
+def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite):
+    """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
+    from . import engine, models
+    from .imageio import max_pixels as pixel_limit
+    from .imageio import read_image, write_bytes
+
+    batch = Batch(obj["quiet"])
+    model = None
+
+    def one(path):
+        nonlocal model
+        start = time.perf_counter()
+        out = _output_for(path, output, len(inputs), ".pcb")
+        _check_not_input(path, out)
+        pixels = read_image(path, pixel_limit(max_pixels), batch.warn)
+        model = model or models.load(model_id)
+        if layers is not None and layers > model.layers:
+            raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
+        data = engine.encode(model, pixels, layers)
+        write_bytes(out, data, overwrite=not no_overwrite)
+        height, width = pixels.shape[:2]
+        _stats(path, out, len(data), width, height, layers or model.layers,
+               time.perf_counter() - start, obj["quiet"])
+
+    for path in inputs:
+        batch.run(path, lambda: one(path))
+    batch.finish(len(inputs))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Output image (type from its extension: .png .ppm .bmp "
+              ".tif .webp .jpg), '-' for PNG on stdout, or a folder for several inputs.")
+@click.option("--layers", type=click.IntRange(min=0), default=None,
+              help="Decode only the first K layers.")
+@click.option("--bytes", "max_bytes", type=click.IntRange(min=1), default=None,
+              help="Decode only the first N bytes of the stream, as a partial download "
+                   "would give them (header included).")
+@click.option("--partial", is_flag=True,
+              help="Decode a stream that was cut short or damaged, as far as it is intact.")
+@click.option("--midpoint", is_flag=True,
+              help="Reconstruct at interval midpoints instead of the prior's conditional mean.")
+@max_pixels_option
+@overwrite_option
+@click.pass_obj
+def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, no_overwrite):
+    """Decode .pcb streams ('-' for stdin) to images."""
+    from . import engine, models
+    from .imageio import encode_image, read_bytes, write_bytes
+    from .imageio import max_pixels as pixel_limit
+
+    batch = Batch(obj["quiet"])
+    suffix = (f".l{layers}" if layers is not None else "") + (
+        f".b{max_bytes}" if max_bytes is not None else "") or ".decoded"
+
+    def one(path):
+        start = time.perf_counter()
+        out = _output_for(path, output, len(inputs), suffix + ".png")
+        _check_not_input(path, out)
+        data = read_bytes(path)
+        limit = pixel_limit(max_pixels)
+        header, _ = container.parse_header(data, limit)
+        model = models.load(header.model_id)
+        header, payloads, partial_flags = engine.read_stream(model, data, layers, max_bytes,
+                                                             partial, limit)
+        state = None
+        for _, state in engine.decode_latents(model, header, payloads, partial_flags):
+            pass
+        pixels = engine.synthesize(model, state, header.height, header.width, not midpoint)
+        write_bytes(out, encode_image(pixels, out), overwrite=not no_overwrite)
+        used = len(container.pack_header(header)) + sum(len(p) for p in payloads)
+        cut = " (last layer partial)" if any(partial_flags) else ""
+        _stats(path, out, used, header.width, header.height, max(0, len(payloads) - 1),
+               time.perf_counter() - start, obj["quiet"], cut)
+
+    for path in inputs:
+        batch.run(path, lambda: one(path))
+    batch.finish(len(inputs))
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", default=STDIO)
+@click.option("-o", "--output", default=STDIO, help="Output stream [default: stdout].")
+@click.option("--layers", type=click.IntRange(min=0), default=None, help="Keep the first K layers.")
+@click.option("--bytes", "max_bytes", type=click.IntRange(min=1), default=None,
+              help="Keep at most N bytes in all (a layer may be cut inside).")
+@click.option("--partial", is_flag=True, help="Accept a stream that was cut short or damaged.")
+@max_pixels_option
+@overwrite_option
+@click.pass_obj
+def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, no_overwrite):
+    """Cut a .pcb stream to a valid, smaller .pcb stream without re-encoding
+    (a filter: stdin to stdout when no file is named)."""
+    from .imageio import max_pixels as pixel_limit
+    from .imageio import read_bytes, write_bytes
+
+    if layers is None and max_bytes is None:
+        raise click.UsageError("give --layers K and/or --bytes N")
+    batch = Batch(obj["quiet"])
+
+    def one():
+        _check_not_input(input_path, output)
+        data = read_bytes(input_path)
+        result = container.truncate(data, layers, max_bytes, pixel_limit(max_pixels), partial)
+        write_bytes(output, result, overwrite=not no_overwrite)
+        header, _ = container.parse_header(result, pixel_limit(max_pixels))
+        if not obj["quiet"]:
+            _say(f"{input_path} -> {'stdout' if output == STDIO else output}: {len(data)} -> "
+                 f"{len(result)} bytes, {8 * len(result) / (header.width * header.height):.4f} "
+                 f"bpp, {header.layers} layers")
+
+    batch.run(input_path, one)
+    batch.finish(1)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per input on stdout.")
+@max_pixels_option
+@click.pass_obj
+def info(obj, inputs, as_json, max_pixels):
+    """Show the header, layers and sizes of .pcb streams."""
+    from .imageio import max_pixels as pixel_limit
+    from .imageio import read_bytes
+
+    batch = Batch(obj["quiet"])
+
+    def one(path):
+        data = read_bytes(path)
+        header, header_length = container.parse_header(data, pixel_limit(max_pixels))
+        container.split_sections(data, header, header_length)  # lengths and CRCs
+        total = header_length + header.payload_length
+        pixels = header.width * header.height
+        sections, offset = [], header_length
+        for index, section in enumerate(header.sections):
+            offset += section.length
+            sections.append({
+                "name": "hyper" if index == 0 else f"layer {index}", "bytes": section.length,
+                "partial": section.partial, "crc32": f"{section.crc:08x}",
+                "cumulative_bytes": offset, "cumulative_bpp": round(8 * offset / pixels, 5)})
+        document = {
+            "file": path, "format_version": container.VERSION, "width": header.width,
+            "height": header.height, "model": header.model_id,
+            "weights_digest": header.weights_digest.hex(), "layers": header.layers,
+            "header_bytes": header_length, "total_bytes": total,
+            "bpp": round(8 * total / pixels, 5), "sections": sections}
+        document["status"] = "cut" if any(s.partial for s in header.sections) else "complete"
+        if as_json:
+            click.echo(json.dumps(document))
+            return
+        click.echo(f"{path}: pcb v{container.VERSION}, {header.width}x{header.height}, model "
+                   f"{header.model_id} ({document['weights_digest']}), {header.layers} layers, "
+                   f"{total} bytes ({document['bpp']} bpp), {document['status']}")
+        click.echo(f"  header            {header_length:>9} bytes")
+        for entry in sections:
+            flag = " partial" if entry["partial"] else ""
+            click.echo(f"  {entry['name']:<16}  {entry['bytes']:>9} bytes  up to "
+                       f"{entry['cumulative_bytes']:>9} bytes = {entry['cumulative_bpp']:.4f} bpp"
+                       f"  crc {entry['crc32']}{flag}")
+
+    for path in inputs:
+        batch.run(path, lambda: one(path))
+    batch.finish(len(inputs))
+
+
+@main.command(add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def train(ctx):
+    """Train a model (see `pcodec train --help`)."""
+    from .train import main as train_main
+
+    train_main(ctx.args)
+
+
+def run():
+    """Entry point: no traceback ever reaches the user."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.UsageError as error:
+        error.show()
+        sys.exit(2)
+    except click.Abort:
+        _say("pcodec: aborted")
+        sys.exit(130)
+    except PcodecError as error:
+        _say(f"pcodec: error: {error}")
+        sys.exit(error.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except MemoryError:
+        _say("pcodec: error: out of memory")
+        sys.exit(1)
+    except Exception as error:  # a bug: still one line, never a traceback
+        _say(f"pcodec: internal error: {type(error).__name__}: {error}")
+        sys.exit(1)
+

@@ -1,0 +1,127 @@
+"""Registry of shipped weights (models/manifest.json) and loading them for coding.
+
+A weights file holds the network state, its training config and the integer entropy tables
+derived from it at export time (so every machine codes the hyper-latent with the same table,
+whatever its float arithmetic). Streams name their model id and carry the weights digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RuntimeIOError, StreamError
+
+Z_RANGE = 64  # hyper-latent symbols -Z_RANGE..Z_RANGE; the two ends are escapes
+Z_TABLE_TOTAL = 1 << 16
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("PCODEC_MODELS", Path(__file__).resolve().parent.parent / "models"))
+
+
+def manifest() -> dict:
+    path = models_dir() / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RuntimeIOError(f"no model manifest at {path} (set PCODEC_MODELS)") from None
+
+
+def default_model_id() -> str:
+    return manifest()["default"]
+
+
+def file_digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def hyper_latent_table(entropy_bottleneck) -> np.ndarray:
+    """Integer frequencies (N, 2*Z_RANGE+1) of each hyper-latent channel, every entry ≥ 1,
+    the two end entries holding the tail masses (escape symbols)."""
+    import copy
+
+    import torch
+
+    eb = copy.deepcopy(entropy_bottleneck).double()
+    channels = eb.matrices[0].shape[0]
+    values = torch.arange(-Z_RANGE, Z_RANGE + 1, dtype=torch.float64)
+    inputs = values.view(1, 1, -1).repeat(channels, 1, 1)
+    with torch.no_grad():
+        cdf_upper = torch.sigmoid(eb._logits_cumulative(inputs + 0.5, stop_gradient=True))
+        cdf_lower = torch.sigmoid(eb._logits_cumulative(inputs - 0.5, stop_gradient=True))
+    mass = (cdf_upper - cdf_lower)[:, 0, :].numpy()
+    mass[:, 0] = cdf_upper[:, 0, 0].numpy()  # everything below -Z_RANGE + 0.5
+    mass[:, -1] = 1 - cdf_lower[:, 0, -1].numpy()  # everything above Z_RANGE - 0.5
+    mass = np.maximum(mass, 0) + 1e-12
+    mass /= mass.sum(axis=1, keepdims=True)
+    counts = np.maximum(np.floor(mass * (Z_TABLE_TOTAL - mass.shape[1])), 0).astype(np.int64) + 1
+    counts[np.arange(len(counts)), counts.argmax(axis=1)] += Z_TABLE_TOTAL - counts.sum(axis=1)
+    return counts
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    digest: bytes
+    network: object  # network.HyperpriorNetwork, eval mode, float32
+    hyper_synthesis: object  # float64 copy of network.h_s: the prior must be reproducible
+    unit: np.ndarray  # (M,) grid unit per channel
+    int_steps: np.ndarray  # (L, M) integer steps
+    gains: np.ndarray  # (L, M) dequantization gains
+    z_table: np.ndarray  # (N, 2*Z_RANGE+1) integer frequencies
+    config: dict
+
+    @property
+    def layers(self) -> int:
+        return self.int_steps.shape[0]
+
+
+def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
+    import copy
+
+    import torch
+
+    from .network import HyperpriorNetwork, NetworkConfig
+    from .quant import integer_steps
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, ValueError) as error:
+        raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
+    config = saved["config"]
+    net_config = NetworkConfig(N=config["N"], M=config["M"], layers=len(config["lambdas"]))
+    network = HyperpriorNetwork(net_config)
+    network.load_state_dict(saved["model"])
+    network.eval()
+    hyper_synthesis = copy.deepcopy(network.h_s).double()
+    steps = torch.exp(network.log_steps).detach().double().numpy()
+    unit, int_steps = integer_steps(steps)
+    gains = torch.exp(network.log_gains).detach().double().numpy()
+    z_table = saved.get("z_table")
+    z_table = z_table.numpy() if z_table is not None else hyper_latent_table(
+        network.entropy_bottleneck)
+    return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), network,
+                       hyper_synthesis, unit, int_steps, gains, z_table, config)
+
+
+@lru_cache(maxsize=4)
+def load(model_id: str | None = None) -> LoadedModel:
+    """A registered model by id (default: the manifest's default)."""
+    entries = manifest()["models"]
+    model_id = model_id or default_model_id()
+    if model_id not in entries:
+        raise StreamError(f"unknown model id {model_id!r} (this pcodec has: "
+                          f"{', '.join(sorted(entries))})")
+    path = models_dir() / entries[model_id]["file"]
+    if not path.exists():
+        raise RuntimeIOError(f"model weights {path} are missing")
+    return load_weights_file(path, model_id)

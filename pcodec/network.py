@@ -1,0 +1,182 @@
+"""Neural network modules: the mean-scale hyperprior and the learned quantizer parameters.
+
+Only nn.Modules and the differentiable training-time simulation of the quantization
+hierarchy live here. The integer bookkeeping that the bitstream relies on is in quant.py;
+the float split rule in `nested_quantize` below mirrors `quant.split_bounds` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    # compressai's import emits a torch.jit deprecation warning that users should not see.
+    warnings.simplefilter("ignore")
+    from compressai.entropy_models import EntropyBottleneck
+    from compressai.layers import GDN
+
+
+SCALE_MIN = 0.04  # lower bound of the prior's sigma; matches the coder's scale table
+SLIVER = 0.3  # DeepHQ's boundary-aware threshold: slivers narrower than 0.3 step are merged
+LIKELIHOOD_MIN = 1e-9
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    N: int = 128  # channels of the transforms and of the hyper-latent
+    M: int = 192  # channels of the latent y
+    layers: int = 8  # quantization layers of the embedded stream
+    # Initial step sizes (learned afterwards), a ratio of 1.65 between layers: below 1.6 the
+    # boundary-aware split leaves a uniform cell whole, and a layer that splits nothing gets
+    # no gradient to its step.
+    coarsest_step: float = 5.4
+    finest_step: float = 0.16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def conv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
+
+
+def deconv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(
+        cin, cout, kernel, stride=stride, padding=kernel // 2, output_padding=stride - 1
+    )
+
+
+def gaussian_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.erfc(-x * (2**-0.5))
+
+
+def interval_mass(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Mass of N(0, sigma) on [lower, upper], computed on the tail side for precision."""
+    flip = torch.sign(lower + upper).detach()  # mirror intervals to the negative side
+    flip = torch.where(flip == 0, torch.ones_like(flip), flip)
+    lo = torch.minimum(-flip * lower, -flip * upper)
+    hi = torch.maximum(-flip * lower, -flip * upper)
+    return gaussian_cdf(hi / sigma) - gaussian_cdf(lo / sigma)
+
+
+def nested_intervals(y_star: torch.Tensor, steps: torch.Tensor, layer_of: torch.Tensor):
+    """Interval [lower, upper] of y* after the first layer_of[b] layers: the coder's own
+    partition (float mirror of quant.split_counts/split_bounds).
+
+    y_star: (B, M, H, W); steps: (L, M); layer_of: (B,) in 1..L. Which sub-interval holds y*
+    is decided without gradient; the bounds are differentiable functions of the step sizes,
+    so the steps learn from the partition they really produce.
+    """
+    decide = y_star.detach()
+    step = steps[0].view(1, -1, 1, 1)
+    q = torch.round(decide / step.detach())
+    lower, upper = (q - 0.5) * step, (q + 0.5) * step
+    picked_lower, picked_upper = lower, upper
+    for layer in range(1, int(layer_of.max())):
+        lower, upper = split_interval(decide, lower, upper, steps[layer].view(1, -1, 1, 1))
+        use = (layer_of > layer).view(-1, 1, 1, 1)
+        picked_lower = torch.where(use, lower, picked_lower)
+        picked_upper = torch.where(use, upper, picked_upper)
+    return picked_lower, picked_upper
+
+
+def split_interval(y_star, lower, upper, step):
+    """One refinement layer: sub-intervals of width `step` centred on [lower, upper], clipped
+    at its bounds; if the edge slivers would be narrower than SLIVER·step, 2m+1 equal
+    sub-intervals instead ("stretched"); intervals narrower than `step` stay whole."""
+    with torch.no_grad():
+        width, s = (upper - lower), step
+        excess = (width - s) / (2 * s)  # half-steps beyond the central sub-interval
+        full = torch.floor(excess).clamp(min=0)
+        stretched = (excess - torch.floor(excess)) < SLIVER
+        keep = excess < 0
+        count_s = 2 * full + 1
+        index_s = torch.floor((y_star - lower) / (width / count_s)).clamp(min=0)
+        index_s = torch.minimum(index_s, count_s - 1)
+        centre = (lower + upper) / 2
+        offset = torch.floor((y_star - centre) / s + 0.5)
+        offset = torch.maximum(torch.minimum(offset, full + 1), -(full + 1))
+    width = upper - lower
+    centre = (lower + upper) / 2
+    cell = width / (2 * full + 1)
+    lower_s = lower + index_s * cell
+    lower_n = torch.maximum(lower, centre + (offset - 0.5) * step)
+    upper_n = torch.minimum(upper, centre + (offset + 0.5) * step)
+    new_lower = torch.where(stretched, lower_s, lower_n)
+    new_upper = torch.where(stretched, lower_s + cell, upper_n)
+    return torch.where(keep, lower, new_lower), torch.where(keep, upper, new_upper)
+
+
+class HyperpriorNetwork(nn.Module):
+    """Mean-scale hyperprior (Minnen et al. 2018, no context model) with a learned
+    hierarchical quantizer: per-layer, per-channel step sizes and dequantization gains."""
+
+    def __init__(self, config: NetworkConfig = NetworkConfig()):
+        super().__init__()
+        self.config = config
+        N, M, L = config.N, config.M, config.layers
+        self.g_a = nn.Sequential(
+            conv(3, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N), conv(N, M)
+        )
+        self.g_s = nn.Sequential(
+            deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
+            deconv(N, N), GDN(N, inverse=True), deconv(N, 3),
+        )
+        self.h_a = nn.Sequential(
+            conv(M, N, 3, 1), nn.LeakyReLU(inplace=True), conv(N, N), nn.LeakyReLU(inplace=True),
+            conv(N, N),
+        )
+        self.h_s = nn.Sequential(
+            deconv(N, M), nn.LeakyReLU(inplace=True), deconv(M, M * 3 // 2),
+            nn.LeakyReLU(inplace=True), conv(M * 3 // 2, M * 2, 3, 1),
+        )
+        self.entropy_bottleneck = EntropyBottleneck(N)
+        ladder = torch.linspace(math.log(config.coarsest_step), math.log(config.finest_step), L)
+        self.log_steps = nn.Parameter(ladder.view(L, 1).repeat(1, M))
+        self.log_gains = nn.Parameter(torch.zeros(L, M))
+
+    def steps(self) -> torch.Tensor:
+        return torch.exp(self.log_steps)
+
+    def prior(self, z_hat: torch.Tensor):
+        """Mean and scale of the conditional Gaussian of y given the hyper-latent."""
+        params = self.h_s(z_hat).float()
+        scales, means = params.chunk(2, 1)
+        return means, torch.clamp(torch.abs(scales), min=SCALE_MIN)
+
+    def forward(self, x: torch.Tensor, layer_of: torch.Tensor, autocast: bool = True):
+        """Training pass. x in [0,1], (B,3,H,W); layer_of (B,) in 1..L picks each image's layer.
+
+        Rate and distortion are those of the coder's own nested intervals (see below).
+        """
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = self.g_a(x)
+            z = self.h_a(y)
+        y, z = y.float(), z.float()
+        _, z_likelihoods = self.entropy_bottleneck(z)
+        z_hat = z + (torch.round(z) - z).detach()  # straight-through rounding
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            means, scales = self.prior(z_hat)
+        y_star = y - means
+        index = layer_of - 1
+        lower, upper = nested_intervals(y_star, self.steps(), layer_of)
+        # Rate: the bits the coder spends for layers 1..l, -log2 of the prior's mass on the
+        # final nested interval (the renormalised layer masses telescope to it). Gradient to
+        # y as if the interval slid with it (straight-through); to the steps via the bounds.
+        slide = y_star - y_star.detach()
+        y_likelihoods = torch.clamp(
+            interval_mass(lower + slide, upper + slide, scales), min=LIKELIHOOD_MIN)
+        # Distortion: the decoder's reconstruction, the interval midpoint times the gain.
+        gain = torch.exp(self.log_gains[index]).unsqueeze(-1).unsqueeze(-1)
+        y_hat = means + gain * ((lower + upper) / 2 + slide)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x_hat = self.g_s(y_hat)
+        return x_hat.float(), y_likelihoods, z_likelihoods
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.entropy_bottleneck.loss()

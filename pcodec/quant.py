@@ -1,0 +1,173 @@
+"""The quantization hierarchy in integers: what the encoder and decoder must agree on bit for bit.
+
+Every latent channel c has a grid unit g_c (a fraction of its finest step) and integer step
+sizes s_l[c] in that unit. An element's state is its current interval [lower, upper) in grid
+units, relative to the prior mean mu (the codec works on y* = y - mu):
+
+- layer 1 is a uniform grid: index q puts y* in [q*s1 - s1//2, q*s1 - s1//2 + s1), with no
+  clipping range, so no value is ever lost;
+- each later layer splits the interval into sub-intervals of width s_l centred on it and
+  clipped at its bounds; a sliver narrower than SLIVER*s_l at the edges makes the split
+  "stretched" instead: 2m+1 equal sub-intervals (DeepHQ's boundary-aware split). Intervals
+  narrower than s_l are not split and cost nothing.
+
+The probability of each sub-interval is the prior's Gaussian mass on it renormalised by the
+parent interval's mass, computed in float64 from integer bounds and a table scale, so both
+sides build identical tables. No torch here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_ndtr, ndtr
+
+SLIVER_NUM, SLIVER_DEN = 3, 10  # slivers < 0.3 step are merged (must match network.SLIVER)
+FINEST_STEP_UNITS = 16  # the finest layer's step in grid units: sets the integer resolution
+MAX_SPLIT = 64  # most sub-intervals one split may produce (bounded by the step ratios)
+
+
+def scale_table(minimum: float = 0.04, maximum: float = 64.0, levels: int = 96) -> np.ndarray:
+    """Log-spaced prior scales; sigma is snapped to it so both sides use identical values."""
+    return np.exp(np.linspace(np.log(minimum), np.log(maximum), levels))
+
+
+SCALES = scale_table()
+_SCALE_EDGES = np.sqrt(SCALES[1:] * SCALES[:-1])  # geometric midpoints between table entries
+
+
+def scale_indexes(sigma: np.ndarray) -> np.ndarray:
+    return np.searchsorted(_SCALE_EDGES, sigma).astype(np.int16)
+
+
+def integer_steps(steps: np.ndarray):
+    """Float step sizes (L, M) → per-channel grid unit (M,) and integer steps (L, M)."""
+    steps = np.asarray(steps, dtype=np.float64)
+    unit = steps.min(axis=0) / FINEST_STEP_UNITS
+    int_steps = np.maximum(np.round(steps / unit), 1).astype(np.int64)
+    return unit, int_steps
+
+
+def first_layer_interval(q: np.ndarray, step: np.ndarray):
+    lower = q * step - step // 2
+    return lower, lower + step
+
+
+def first_layer_index(y_units: np.ndarray, step: np.ndarray) -> np.ndarray:
+    return np.floor((y_units + step // 2) / step).astype(np.int64)
+
+
+def split_counts(lower: np.ndarray, upper: np.ndarray, step: np.ndarray):
+    """Number of sub-intervals (1 = no split) and whether the split is stretched."""
+    width = upper - lower
+    excess = width - step
+    full = np.where(excess >= 0, excess // (2 * step), 0)
+    remainder = excess - full * 2 * step
+    stretched = SLIVER_DEN * remainder < SLIVER_NUM * 2 * step
+    count = np.where(stretched, 2 * full + 1, 2 * full + 3)
+    count = np.where(excess < 0, 1, count)
+    return np.minimum(count, MAX_SPLIT), stretched
+
+
+def split_bounds(lower, upper, step, count, stretched, width_out: int) -> np.ndarray:
+    """Boundaries (E, width_out+1) of every element's sub-intervals; entries past an element's
+    count repeat its upper bound (zero-width, zero-probability padding)."""
+    k = np.arange(width_out + 1, dtype=np.int64)[None, :]
+    lower, upper, step = lower[:, None], upper[:, None], step[:, None]
+    count, stretched = count[:, None], stretched[:, None]
+    even = lower + (k * (upper - lower)) // count
+    centred = (lower + upper + (2 * k - count) * step) // 2
+    bounds = np.where(stretched, even, centred)
+    bounds = np.where(k == 0, lower, bounds)
+    return np.where(k >= count, upper, bounds)
+
+
+def sub_interval_index(bounds: np.ndarray, count: np.ndarray, y_units: np.ndarray) -> np.ndarray:
+    inner = bounds[:, 1:-1] <= y_units[:, None]
+    index = inner.sum(axis=1)
+    return np.minimum(index, count - 1)
+
+
+def interval_probabilities(bounds: np.ndarray, sigma_units: np.ndarray) -> np.ndarray:
+    """Renormalised Gaussian mass of each sub-interval (rows sum to 1).
+
+    Intervals are mirrored to the negative side and the masses are taken as differences of
+    exp(log Φ - log Φ(top)), so that even intervals far in the tail get exact relative masses
+    instead of 0/0.
+    """
+    centre = bounds[:, :1] + bounds[:, -1:]
+    mirror = centre > 0
+    edges = np.where(mirror, -bounds[:, ::-1], bounds).astype(np.float64) / sigma_units[:, None]
+    log_cdf = log_ndtr(edges)
+    relative = np.exp(log_cdf - log_cdf[:, -1:])
+    mass = np.diff(relative, axis=1)
+    mass = np.where(mirror, mass[:, ::-1], mass)
+    mass = np.maximum(mass, 0.0)
+    total = mass.sum(axis=1, keepdims=True)
+    widths = np.diff(bounds, axis=1).astype(np.float64)
+    uniform = widths / np.maximum(widths.sum(axis=1, keepdims=True), 1)
+    return np.where(total > 0, mass / np.where(total > 0, total, 1), uniform)
+
+
+def refinement_priority(bounds: np.ndarray, probabilities: np.ndarray, unit: np.ndarray,
+                        weight: np.ndarray | None = None) -> np.ndarray:
+    """Integer key: expected distortion drop per expected bit of coding this element now.
+
+    The key is quantised to 1/16 of a bit of log2 so that encoder and decoder sort
+    identically even if their float sums differ in the last ulp.
+    """
+    mids = (bounds[:, 1:] + bounds[:, :-1]).astype(np.float64) * (0.5 * unit[:, None])
+    mean = (probabilities * mids).sum(axis=1, keepdims=True)
+    distortion_drop = (probabilities * (mids - mean) ** 2).sum(axis=1)
+    if weight is not None:
+        distortion_drop = distortion_drop * weight
+    p = np.maximum(probabilities, 1e-300)
+    bits = -(probabilities * np.log2(p)).sum(axis=1)
+    ratio = distortion_drop / np.maximum(bits, 1e-6)
+    return np.floor(np.log2(np.maximum(ratio, 1e-30)) * 16).astype(np.int64)
+
+
+def coding_order(priority: np.ndarray) -> np.ndarray:
+    """Highest priority first; ties in element order (stable), known to both sides."""
+    return np.argsort(-priority, kind="stable")
+
+
+def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True) -> np.ndarray:
+    """Value of y* (grid units) from its interval: the prior's conditional mean inside the
+    interval (or the midpoint); elements never coded take the prior mean 0."""
+    lower = lower.astype(np.float64)
+    upper = upper.astype(np.float64)
+    midpoint = (lower + upper) / 2
+    if not conditional_mean:
+        return np.where(coded, midpoint, 0.0)
+    # E[x | a<x<b] for x ~ N(0, s) = s (φ(a) - φ(b)) / (Φ(b) - Φ(a)), all divided by Φ(b) in
+    # the log domain (after mirroring to the negative side) so tail intervals stay finite.
+    mirror = midpoint > 0
+    a = np.where(mirror, -upper, lower) / sigma_units
+    b = np.where(mirror, -lower, upper) / sigma_units
+    log_norm = log_ndtr(b)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mass = -np.expm1(log_ndtr(a) - log_norm)
+        half_log_2pi = 0.5 * np.log(2 * np.pi)
+        density = (np.exp(-0.5 * a * a - half_log_2pi - log_norm)
+                   - np.exp(-0.5 * b * b - half_log_2pi - log_norm))
+        mean = sigma_units * density / mass
+    mean = np.where(mirror, -mean, mean)
+    ok = np.isfinite(mean) & (mean >= lower) & (mean <= upper)
+    return np.where(coded, np.where(ok, mean, midpoint), 0.0)
+
+
+def first_layer_priority(scale_index: np.ndarray, step_units: np.ndarray, unit: np.ndarray,
+                         weight: np.ndarray | None = None) -> np.ndarray:
+    """Layer-1 key (same meaning as refinement_priority) for a uniform grid on N(0, σ),
+    computed on the central cells. Meant for a table of (scale, channel) pairs, not for
+    every element."""
+    sigma_units = SCALES[scale_index] / unit
+    cells = int(min(64, np.ceil(6 * sigma_units.max() / step_units.min()) + 2))
+    q = np.arange(-cells, cells + 1)
+    lower = q[None, :] * step_units[:, None] - (step_units // 2)[:, None]
+    bounds = np.concatenate([lower, lower[:, -1:] + step_units[:, None]], axis=1)
+    z = bounds / sigma_units[:, None]
+    cdf = ndtr(z)
+    probabilities = np.diff(cdf, axis=1)
+    probabilities = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-300)
+    return refinement_priority(bounds, probabilities, unit, weight)

@@ -1,0 +1,382 @@
+"""Training loop: one variable-rate model for all quantization layers, resumable at any step.
+
+Every image of a batch is trained at one randomly drawn layer l with loss
+λ_l·255²·MSE + bpp (DeepHQ's ladder objective, sampled instead of summed so a step costs one
+synthesis pass). Checkpoints hold the optimizer state and live outside the repository;
+`export` writes weights without it plus a manifest to models/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+# CompressAI's MSE ladder (quality 1..8), one λ per layer, coarse → fine.
+LAMBDA_LADDER = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.18)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "hp128"
+    N: int = 128
+    M: int = 192
+    patch: int = 128
+    batch: int = 8
+    lr: float = 5e-4
+    lr_final: float = 3e-5
+    decay_start: int = 10**9  # step at which the learning rate starts its cosine decay
+    decay_steps: int = 20000
+    aux_lr: float = 1e-3
+    clip: float = 1.0
+    lambdas: tuple = LAMBDA_LADDER
+    autocast: bool = True  # bf16 transforms, fp32 entropy models
+    channels_last: bool = True
+    threads: int = 2
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 2000
+    eval_images: int = 24
+    notes: dict = field(default_factory=dict)
+
+
+CONFIGS = {
+    "hp128": TrainConfig(),
+    # The final phase of a campaign: the same run with the learning rate decayed.
+    "hp128-decay": TrainConfig(decay_start=0),
+    # Tiny config for tests and smoke runs.
+    "tiny": TrainConfig(name="tiny", N=16, M=24, patch=64, batch=2, checkpoint_every=5,
+                        eval_every=10**9),
+}
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < 200:  # short warm-up: GDN is fragile under a large first step
+        return config.lr * (step + 1) / 200
+    if step < config.decay_start:
+        return config.lr
+    progress = min(1.0, (step - config.decay_start) / config.decay_steps)
+    return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * progress))
+
+
+class PatchSampler:
+    """All training images decoded once into memory; random crops and flips per batch."""
+
+    def __init__(self, folder: Path, patch: int, seed: int):
+        from PIL import Image
+
+        files = sorted(p for p in Path(folder).iterdir()
+                       if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp"})
+        self.images = []
+        for path in files:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+            if min(array.shape[:2]) >= patch:
+                self.images.append(array)
+        if not self.images:
+            raise SystemExit(f"no training images of at least {patch}x{patch} in {folder}")
+        self.patch = patch
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int) -> np.ndarray:
+        out = np.empty((size, self.patch, self.patch, 3), dtype=np.uint8)
+        for i in range(size):
+            image = self.images[self.rng.integers(len(self.images))]
+            top = self.rng.integers(image.shape[0] - self.patch + 1)
+            left = self.rng.integers(image.shape[1] - self.patch + 1)
+            crop = image[top:top + self.patch, left:left + self.patch]
+            if self.rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            out[i] = crop
+        return out
+
+
+def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas):
+    """Per-image λ·255²·MSE + bpp, averaged over the batch; also returns the parts."""
+    import torch
+
+    pixels = x.shape[2] * x.shape[3]
+    bits = (-torch.log2(y_likelihoods).sum((1, 2, 3)) - torch.log2(z_likelihoods).sum((1, 2, 3)))
+    bpp = bits / pixels
+    mse = ((x - x_hat) ** 2).mean((1, 2, 3))
+    loss = (lambdas * 255**2 * mse + bpp).mean()
+    return loss, bpp.detach(), mse.detach()
+
+
+def save_atomic(obj, path: Path):
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weights: Path | None,
+          kodak: Path | None, log=sys.stderr):
+    """Train until `steps` total steps; resumes from run_dir/checkpoint.pt when present."""
+    import torch
+
+    from .network import HyperpriorNetwork, NetworkConfig
+
+    torch.set_num_threads(config.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    net_config = NetworkConfig(N=config.N, M=config.M, layers=len(config.lambdas))
+    model = HyperpriorNetwork(net_config)
+    main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    optimizer = torch.optim.Adam(main_params, lr=config.lr)
+    aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
+    state = {"step": 0, "seconds": 0.0, "images": 0, "history": []}
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
+        state = checkpoint["state"]
+        print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
+    elif init_weights is not None:
+        weights = torch.load(init_weights, weights_only=False)
+        model.load_state_dict(weights["model"])
+        state.update({k: weights["state"][k] for k in ("step", "seconds", "images", "history")})
+        print(f"started from weights {init_weights} (step {state['step']}) with a fresh optimizer",
+              file=log)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    sampler = PatchSampler(data, config.patch, config.seed + state["step"])
+    lambdas_all = torch.tensor(config.lambdas)
+    layer_rng = random.Random(config.seed * 7919 + state["step"])
+    log_path = run_dir / "train.log"
+    window = {"loss": 0.0, "n": 0, "bpp": np.zeros(len(config.lambdas)),
+              "mse": np.zeros(len(config.lambdas)), "count": np.zeros(len(config.lambdas))}
+    model.train()
+    window_start = time.perf_counter()
+    while state["step"] < steps:
+        step_start = time.perf_counter()
+        lr = learning_rate(config, state["step"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = torch.from_numpy(sampler.batch(config.batch)).permute(0, 3, 1, 2).float() / 255
+        if config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
+                                 for _ in range(config.batch)])
+        x_hat, y_lik, z_lik = model(batch, layer_of, autocast=config.autocast)
+        loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, lambdas_all[layer_of - 1])
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # a rare bad batch must not poison the weights
+            state["skipped"] = state.get("skipped", 0) + 1
+            continue
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(main_params, config.clip)
+        optimizer.step()
+        aux_optimizer.zero_grad(set_to_none=True)
+        model.aux_loss().backward()
+        aux_optimizer.step()
+
+        state["step"] += 1
+        state["images"] += config.batch
+        state["seconds"] += time.perf_counter() - step_start
+        window["loss"] += loss.item()
+        window["n"] += 1
+        for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
+            window["bpp"][layer - 1] += b
+            window["mse"][layer - 1] += m
+            window["count"][layer - 1] += 1
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == steps:
+            elapsed = time.perf_counter() - window_start
+            count = np.maximum(window["count"], 1)
+            psnr = np.where(window["count"] > 0,
+                            -10 * np.log10(np.maximum(window["mse"] / count, 1e-10)), np.nan)
+            record = {
+                "step": state["step"], "hours": round(state["seconds"] / 3600, 4),
+                "lr": lr, "loss": round(window["loss"] / window["n"], 4),
+                "images_per_s": round(window["n"] * config.batch / elapsed, 2),
+                "bpp": [round(float(v), 4) for v in (window["bpp"] / count)],
+                "psnr": [round(float(v), 2) for v in psnr],
+            }
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"step {record['step']} | {record['images_per_s']} img/s | loss "
+                  f"{record['loss']} | layer bpp/psnr "
+                  + " ".join(f"{b:.2f}/{p:.1f}" for b, p in zip(record["bpp"], record["psnr"])),
+                  file=log, flush=True)
+            window = {"loss": 0.0, "n": 0, "bpp": np.zeros(len(config.lambdas)),
+                      "mse": np.zeros(len(config.lambdas)), "count": np.zeros(len(config.lambdas))}
+            state["history"].append(record)
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "aux_optimizer": aux_optimizer.state_dict(), "state": state,
+                         "config": asdict(config)}, checkpoint_path)
+            window_start = time.perf_counter()
+        if kodak is not None and state["step"] % config.eval_every == 0:
+            evaluate_and_record(model, config, state, kodak, run_dir, log)
+    return model, state
+
+
+def evaluate_and_record(model, config, state, kodak, run_dir, log):
+    """Real-bitstream evaluation on Kodak: every layer of actual .pcb files."""
+    from .evaluate import evaluate_weights
+
+    model.eval()
+    weights_path = run_dir / f"eval-{state['step']}.pt"
+    export_weights(model, config, state, weights_path)
+    result = evaluate_weights(weights_path, kodak, limit=config.eval_images)
+    weights_path.unlink()
+    model.train()
+    record = {"step": state["step"], "hours": round(state["seconds"] / 3600, 4), **result}
+    with open(run_dir / "eval.log", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print("eval step {} | {}".format(state["step"], " ".join(
+        f"{b:.3f}/{p:.2f}" for b, p in zip(result["bpp"], result["psnr"]))), file=log, flush=True)
+
+
+def export_weights(model, config: TrainConfig, state: dict, path: Path):
+    """Weights without optimizer state, plus what is needed to know how they were made."""
+    import torch
+
+    from .models import hyper_latent_table
+
+    state_dict = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
+    save_atomic({"model": state_dict, "z_table": z_table, "config": asdict(config),
+                 "state": json.loads(json.dumps(
+                     {k: state[k] for k in ("step", "seconds", "images", "history")},
+                     default=float))}, path)
+
+
+def export_checkpoint(checkpoint_path: Path, path: Path):
+    """Weights file from a training checkpoint (drops the optimizer state)."""
+    import torch
+
+    from .network import HyperpriorNetwork, NetworkConfig
+
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    config = TrainConfig(**{**checkpoint["config"], "lambdas": tuple(checkpoint["config"]["lambdas"])})
+    model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M, layers=len(config.lambdas)))
+    model.load_state_dict(checkpoint["model"])
+    export_weights(model, config, checkpoint["state"], path)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train a pcodec model.")
+    parser.add_argument("--config", default="hp128", choices=sorted(CONFIGS))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/train"))
+    parser.add_argument("--kodak", type=Path, default=None)
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="checkpoints and logs (default ~/.cache/pcodec/runs/CONFIG)")
+    parser.add_argument("--steps", type=int, default=200000)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from exported weights with a fresh optimizer")
+    parser.add_argument("--set", action="append", default=[],
+                        help="override a config field, e.g. --set lr=1e-4")
+    parser.add_argument("--export", metavar="MODEL_ID", default=None,
+                        help="export the run's checkpoint to models/MODEL_ID.pt (no training)")
+    args = parser.parse_args(argv)
+    config = CONFIGS[args.config]
+    run_dir = args.run_dir or Path.home() / ".cache" / "pcodec" / "runs" / config.name
+    if args.export:
+        entry = export_model(run_dir, args.export, args.kodak,
+                             "pcodec train " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(json.dumps(entry.get("kodak", {})), file=sys.stderr)
+        return
+    for item in args.set:
+        key, value = item.split("=", 1)
+        current = getattr(config, key)
+        config = replace(config, **{key: type(current)(value) if not isinstance(current, bool)
+                                    else value.lower() in {"1", "true", "yes"}})
+    train(config, args.data, run_dir, args.steps, args.init, args.kodak)
+
+
+def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
+                 models_folder: Path | None = None):
+    """Weights without optimizer state → models/ID.pt, Kodak figures from real streams, the
+    manifest entry and the learning-curve plot."""
+    import datetime
+    import hashlib
+
+    from .evaluate import evaluate_weights
+    from .models import models_dir
+
+    folder = models_folder or models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = folder / f"{model_id}.pt"
+    export_checkpoint(run_dir / "checkpoint.pt", weights_path)
+    import torch
+
+    saved = torch.load(weights_path, weights_only=True)
+    state, config = saved["state"], saved["config"]
+    history = state["history"]
+    recent = [r["images_per_s"] for r in history[-20:]]
+    entry = {
+        "file": weights_path.name,
+        "sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
+        "bytes": weights_path.stat().st_size,
+        "architecture": f"mean-scale hyperprior N={config['N']} M={config['M']}, "
+                        f"{len(config['lambdas'])}-layer learned nested quantizer",
+        "config": config,
+        "training": {
+            "data": "../shared/data/train (638 natural photos, see its SOURCES.md)",
+            "steps": state["step"], "images_seen": state["images"],
+            "cpu_hours": round(state["seconds"] / 3600, 3),
+            "lambda_ladder": list(config["lambdas"]),
+            "throughput_images_per_s": round(float(np.median(recent)), 2) if recent else None,
+            "machine": f"{os.cpu_count()} CPU cores, no GPU",
+            "command": command,
+        },
+    }
+    if kodak is not None:
+        result = evaluate_weights(weights_path, kodak)
+        midpoint = evaluate_weights(weights_path, kodak, conditional_mean=False)
+        entry["kodak"] = {**result, "psnr_midpoint_reconstruction": midpoint["psnr"],
+                          "measured": datetime.date.today().isoformat(),
+                          "how": "real .pcb files, every layer, RGB PSNR, bpp of whole files"}
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    manifest["models"][model_id] = entry
+    manifest["default"] = model_id
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    plot_learning_curve(run_dir, folder / f"{model_id}-learning-curve.png")
+    return entry
+
+
+def plot_learning_curve(run_dir: Path, path: Path):
+    """Training loss and Kodak PSNR per layer against CPU hours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "train.log").read_text().splitlines()]
+    evals_path = run_dir / "eval.log"
+    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] \
+        if evals_path.exists() else []
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["hours"] for r in records], [r["loss"] for r in records], lw=0.8)
+    left.set_xlabel("CPU hours (2 cores)")
+    left.set_ylabel("training loss (mean λ·255²·MSE + bpp)")
+    left.set_yscale("log")
+    left.grid(alpha=0.3)
+    if evals:
+        hours = [e["hours"] for e in evals]
+        for layer in range(len(evals[-1]["psnr"])):
+            right.plot(hours, [e["psnr"][layer] for e in evals], marker=".", label=f"layer {layer + 1}")
+        right.legend(fontsize=7, ncol=2)
+    right.set_xlabel("CPU hours (2 cores)")
+    right.set_ylabel("Kodak PSNR (dB), real streams")
+    right.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()

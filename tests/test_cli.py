@@ -1,0 +1,244 @@
+"""End-to-end CLI behaviour: the user's own examples, pipes, batch runs and clean errors."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import SAMPLE, synthetic_image
+from pcodec.cli import main
+from pcodec.evaluate import psnr
+
+
+def pcodec(*args, input=None, cwd=None):
+    runner = CliRunner()
+    if cwd is not None:
+        old = os.getcwd()
+        os.chdir(cwd)
+    try:
+        result = runner.invoke(main, [str(a) for a in args], input=input)
+    finally:
+        if cwd is not None:
+            os.chdir(old)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result
+
+
+def save(array, path, mode=None, **options):
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    image.save(path, **options)
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "img.png").write_bytes(SAMPLE.read_bytes())
+    return tmp_path
+
+
+def test_users_examples_work_as_written(workdir):
+    assert pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir).exit_code == 0
+    original = (workdir / "img.png").read_bytes()
+    result = pcodec("decode", "img.pcb", "--layers", "3", cwd=workdir)
+    assert result.exit_code == 0
+    assert (workdir / "img.png").read_bytes() == original  # the original is never clobbered
+    decoded = [p for p in workdir.iterdir() if p.suffix == ".png" and p.name != "img.png"]
+    assert len(decoded) == 1
+    assert pcodec("decode", "img.pcb", "--layers", "3", cwd=workdir).exit_code == 0
+    assert len([p for p in workdir.iterdir() if p.suffix == ".png"]) == 3  # a second free name
+    result = pcodec("truncate", "img.pcb", "--bytes", "5000", "-o", "small.pcb", cwd=workdir)
+    assert result.exit_code == 0 and (workdir / "small.pcb").stat().st_size <= 5000
+    info = pcodec("info", "img.pcb", cwd=workdir)
+    assert info.exit_code == 0 and "layer 8" in info.stdout
+
+
+def test_info_json(workdir):
+    pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    import json
+
+    document = json.loads(pcodec("info", "--json", "img.pcb", cwd=workdir).stdout)
+    assert document["width"] == 384 and document["height"] == 256 and document["layers"] == 8
+    assert document["total_bytes"] == (workdir / "img.pcb").stat().st_size
+    assert document["status"] == "complete"
+
+
+def test_truncate_is_a_filter(workdir):
+    pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    data = (workdir / "img.pcb").read_bytes()
+    result = pcodec("truncate", "--bytes", "3000", input=data)
+    assert result.exit_code == 0 and 0 < len(result.stdout_bytes) <= 3000
+    again = pcodec("truncate", "-", "--bytes", "3000", input=data)
+    assert again.stdout_bytes == result.stdout_bytes
+
+
+def test_pipeline_through_real_pipes_is_byte_identical(tmp_path):
+    sample = str(SAMPLE)
+    command = (f"{sys.executable} -m pcodec encode - < {sample} | {sys.executable} -m pcodec "
+               f"truncate - --bytes 6000 | {sys.executable} -m pcodec decode - -o {tmp_path}/b.png")
+    subprocess.run(command, shell=True, check=True, capture_output=True)
+    # The same through files, in-process.
+    pcodec("encode", sample, "-o", tmp_path / "a.pcb")
+    pcodec("truncate", tmp_path / "a.pcb", "--bytes", "6000", "-o", tmp_path / "a6.pcb")
+    pcodec("decode", tmp_path / "a6.pcb", "-o", tmp_path / "a.png")
+    assert (np.asarray(Image.open(tmp_path / "b.png")) == np.asarray(Image.open(tmp_path / "a.png"))).all()
+
+
+def test_decode_in_fresh_process_with_other_thread_count_is_bit_exact(tmp_path):
+    pcodec("encode", SAMPLE, "-o", tmp_path / "s.pcb")
+    outputs = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        out = tmp_path / f"t{threads}.png"
+        subprocess.run([sys.executable, "-m", "pcodec", "decode", str(tmp_path / "s.pcb"), "-o",
+                        str(out)], check=True, env=env, capture_output=True)
+        outputs.append(np.asarray(Image.open(out)))
+    assert (outputs[0] == outputs[1]).all()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bitflip", "empty", "text", "png"])
+def test_bad_streams_exit_3_with_one_line_and_no_output(workdir, kind):
+    pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    data = (workdir / "img.pcb").read_bytes()
+    bad = {
+        "truncated": data[: len(data) // 2],
+        "bitflip": data[:200] + bytes([data[200] ^ 0x10]) + data[201:],
+        "empty": b"",
+        "text": b"this is not a pcb file\n" * 10,
+        "png": (workdir / "img.png").read_bytes(),
+    }[kind]
+    (workdir / "bad.pcb").write_bytes(bad)
+    for command in (["decode", "bad.pcb", "-o", "out.png"], ["info", "bad.pcb"],
+                    ["truncate", "bad.pcb", "--bytes", "500", "-o", "out.pcb"]):
+        result = pcodec(*command, cwd=workdir)
+        assert result.exit_code == 3, (command, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (workdir / "out.png").exists() and not (workdir / "out.pcb").exists()
+
+
+def test_truncated_stream_decodes_with_partial(workdir):
+    pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    data = (workdir / "img.pcb").read_bytes()
+    (workdir / "cut.pcb").write_bytes(data[: len(data) // 2])
+    result = pcodec("decode", "--partial", "cut.pcb", "-o", "cut.png", cwd=workdir)
+    assert result.exit_code == 0
+    expected = pcodec("decode", "img.pcb", "--bytes", len(data) // 2, "-o", "ref.png", cwd=workdir)
+    assert expected.exit_code == 0
+    assert (np.asarray(Image.open(workdir / "cut.png")) == np.asarray(Image.open(workdir / "ref.png"))).all()
+
+
+def test_unreadable_and_non_image_inputs(workdir):
+    (workdir / "notes.txt").write_text("hello")
+    for name in ("missing.png", "notes.txt"):
+        result = pcodec("encode", name, "-o", "x.pcb", cwd=workdir)
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert not (workdir / "x.pcb").exists()
+
+
+def test_failed_run_leaves_existing_output_intact(workdir):
+    (workdir / "keep.png").write_bytes(b"precious")
+    (workdir / "bad.pcb").write_bytes(b"garbage")
+    assert pcodec("decode", "bad.pcb", "-o", "keep.png", cwd=workdir).exit_code == 3
+    assert (workdir / "keep.png").read_bytes() == b"precious"
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_batch_goes_on_past_a_bad_file(workdir):
+    save(synthetic_image(20, 30), workdir / "a.png")
+    (workdir / "b.png").write_text("not an image")
+    save(synthetic_image(30, 20, 1), workdir / "c.png")
+    (workdir / "out").mkdir()
+    result = pcodec("encode", "a.png", "b.png", "c.png", "-o", "out", cwd=workdir)
+    assert result.exit_code == 1
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.pcb", "c.pcb"]
+
+
+def test_no_overwrite(workdir):
+    (workdir / "img.pcb").write_bytes(b"old")
+    assert pcodec("encode", "img.png", "-o", "img.pcb", "--no-overwrite", cwd=workdir).exit_code == 1
+    assert (workdir / "img.pcb").read_bytes() == b"old"
+
+
+def test_usage_errors_exit_2(workdir):
+    assert pcodec("decode", "--layers", "-1", "img.pcb", cwd=workdir).exit_code == 2
+    assert pcodec("truncate", "img.pcb", cwd=workdir).exit_code == 2
+    assert pcodec("frobnicate", cwd=workdir).exit_code == 2
+
+
+IMAGE_KINDS = {
+    "gray": lambda a, p: save(a, p, "L"),
+    "palette": lambda a, p: save(a, p, "P"),
+    "rgba": lambda a, p: save(np.dstack([a, np.full(a.shape[:2], 128, np.uint8)]), p),
+    "gray16": lambda a, p: Image.fromarray((a[:, :, 0].astype(np.uint16) * 257)).save(p),
+    "cmyk_jpeg": lambda a, p: save(a, p.with_suffix(".jpg"), "CMYK", quality=95),
+    "tiff": lambda a, p: save(a, p.with_suffix(".tif")),
+    "bmp": lambda a, p: save(a, p.with_suffix(".bmp")),
+    "ppm": lambda a, p: save(a, p.with_suffix(".ppm")),
+    "webp": lambda a, p: save(a, p.with_suffix(".webp"), lossless=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGE_KINDS))
+def test_input_kinds(tmp_path, kind):
+    array = synthetic_image(33, 47, seed=5)
+    path = IMAGE_KINDS[kind](array, tmp_path / "in.png") or tmp_path / "in.png"
+    result = pcodec("encode", path, "-o", tmp_path / "x.pcb")
+    assert result.exit_code == 0, result.output
+    if kind == "rgba":
+        assert "alpha channel dropped" in result.stderr
+    assert pcodec("decode", tmp_path / "x.pcb", "-o", tmp_path / "x.png").exit_code == 0
+    decoded = np.asarray(Image.open(tmp_path / "x.png"))
+    assert decoded.shape == (33, 47, 3)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = synthetic_image(20, 40)
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    image.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    pcodec("encode", tmp_path / "r.jpg", "-o", tmp_path / "r.pcb")
+    pcodec("decode", tmp_path / "r.pcb", "-o", tmp_path / "r.png")
+    assert np.asarray(Image.open(tmp_path / "r.png")).shape == (40, 20, 3)
+
+
+def test_animated_input_is_refused(tmp_path):
+    frames = [Image.fromarray(synthetic_image(16, 16, s)) for s in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    result = pcodec("encode", tmp_path / "a.gif", "-o", tmp_path / "a.pcb")
+    assert result.exit_code == 1 and "animated" in result.stderr
+
+
+def test_pixel_limit_is_checked_from_the_image_header(tmp_path):
+    save(synthetic_image(64, 64), tmp_path / "big.png")
+    result = pcodec("encode", tmp_path / "big.png", "-o", tmp_path / "b.pcb", "--max-pixels", "1000")
+    assert result.exit_code == 1 and "pixel limit" in result.stderr
+
+
+def test_output_type_follows_extension(tmp_path):
+    pcodec("encode", SAMPLE, "-o", tmp_path / "s.pcb")
+    for suffix, fmt in ((".ppm", "PPM"), (".bmp", "BMP"), (".png", "PNG")):
+        assert pcodec("decode", tmp_path / "s.pcb", "-o", tmp_path / f"s{suffix}").exit_code == 0
+        assert Image.open(tmp_path / f"s{suffix}").format == fmt
+    assert pcodec("decode", tmp_path / "s.pcb", "-o", tmp_path / "s.xyz").exit_code == 2
+
+
+def test_stats_line(workdir):
+    result = pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    line = result.stderr.strip()
+    assert "bytes" in line and "bpp" in line and "8 layers" in line and len(line.splitlines()) == 1
+    assert pcodec("-q", "encode", "img.png", "-o", "img2.pcb", cwd=workdir).stderr == ""
+
+
+def test_help_and_info_do_not_import_torch():
+    code = ("import sys, pcodec.cli as c; sys.argv=['pcodec','--help'];\n"
+            "try: c.run()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

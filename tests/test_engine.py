@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from pcodec import container, engine
+from pcodec.errors import StreamError
+from pcodec.evaluate import layer_points, psnr
+
+from conftest import synthetic_image
+
+
+def test_full_stream_round_trip_is_exact_in_size_and_close_in_pixels(model, sample_image, sample_stream):
+    decoded = engine.decode(model, sample_stream)
+    assert decoded.shape == sample_image.shape and decoded.dtype == np.uint8
+    assert psnr(decoded, sample_image) > 20
+
+
+def test_quality_rises_strictly_with_every_layer(model, sample_image, sample_stream):
+    points = layer_points(model, sample_image, sample_stream)
+    sizes = [s for s, _ in points]
+    quality = [q for _, q in points]
+    assert len(points) == model.layers + 1
+    assert all(b > a for a, b in zip(sizes, sizes[1:]))
+    assert all(b > a for a, b in zip(quality, quality[1:])), quality
+
+
+def test_byte_cuts_never_lower_quality(model, sample_image, sample_stream):
+    smallest = len(container.truncate(sample_stream, layers=0)) // 2
+    budgets = np.unique(np.geomspace(smallest, len(sample_stream), 12).astype(int))
+    previous = -1.0
+    for budget in budgets:
+        cut = container.truncate(sample_stream, max_bytes=int(budget))
+        assert len(cut) <= budget
+        quality = psnr(engine.decode(model, cut), sample_image)
+        assert quality >= previous - 1e-9, (budget, quality, previous)
+        previous = quality
+
+
+def test_cut_inside_a_layer_beats_the_layer_before(model, sample_image, sample_stream):
+    header, _ = container.parse_header(sample_stream)
+    ends = np.cumsum([s.length for s in header.sections]) + len(container.pack_header(header))
+    for layer in (2, 4, 6):
+        before = psnr(engine.decode(model, sample_stream, layers=layer - 1), sample_image)
+        middle = (ends[layer - 1] + ends[layer]) // 2
+        inside = psnr(engine.decode(model, sample_stream, max_bytes=int(middle)), sample_image)
+        assert inside > before
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 13), (13, 7), (64, 64), (65, 129)])
+def test_any_size_decodes_to_the_original_size(model, size):
+    image = synthetic_image(*size)
+    data = engine.encode(model, image)
+    for layers in (0, 1, model.layers):
+        decoded = engine.decode(model, data, layers=layers)
+        assert decoded.shape == image.shape
+
+
+def test_encoding_is_deterministic(model):
+    image = synthetic_image(40, 56, seed=3)
+    assert engine.encode(model, image) == engine.encode(model, image)
+
+
+def test_stream_for_other_weights_is_refused(model, sample_stream):
+    data = bytearray(sample_stream)
+    header, length = container.parse_header(bytes(data))
+    other = container.repack(header.__class__(header.width, header.height, header.model_id,
+                                              b"\xff" * 8, header.sections),
+                             *container.split_sections(bytes(data), header, length))
+    with pytest.raises(StreamError, match="different weights"):
+        engine.decode(model, other)

@@ -1,0 +1,93 @@
+import numpy as np
+import torch
+
+from pcodec import quant
+from pcodec.network import split_interval
+
+
+def random_intervals(rng, count):
+    step = rng.integers(16, 400, count)
+    lower = rng.integers(-5000, 5000, count)
+    width = (step * rng.uniform(0.5, 9.0, count)).astype(np.int64) + 1
+    return lower, lower + width, step
+
+
+def test_split_tiles_parent_interval_exactly():
+    rng = np.random.default_rng(0)
+    lower, upper, step = random_intervals(rng, 20000)
+    count, stretched = quant.split_counts(lower, upper, step)
+    bounds = quant.split_bounds(lower, upper, step, count, stretched, int(count.max()))
+    assert (bounds[:, 0] == lower).all() and (bounds[:, -1] == upper).all()
+    widths = np.diff(bounds, axis=1)
+    assert (widths >= 0).all()
+    for k in range(widths.shape[1]):  # every real sub-interval is non-empty
+        real = k < count
+        assert (widths[real, k] > 0).all()
+    # Sub-intervals are at most one step wide, except a stretched (merged-sliver) split.
+    normal = ~stretched & (count > 1)
+    assert (widths[normal][:, 1:-1] <= step[normal, None]).all()
+    # The boundary-aware rule: no sliver narrower than 0.3 step survives at the edges.
+    edge = widths[normal, 0]
+    assert (10 * edge >= 3 * step[normal] - 10).all()
+
+
+def test_index_finds_the_holding_sub_interval():
+    rng = np.random.default_rng(1)
+    lower, upper, step = random_intervals(rng, 5000)
+    count, stretched = quant.split_counts(lower, upper, step)
+    bounds = quant.split_bounds(lower, upper, step, count, stretched, int(count.max()))
+    values = rng.uniform(lower, upper)
+    index = quant.sub_interval_index(bounds, count, values)
+    rows = np.arange(len(values))
+    assert (bounds[rows, index] <= values).all() and (values < bounds[rows, index + 1]).all()
+
+
+def test_float_training_split_matches_integer_coder_split():
+    rng = np.random.default_rng(2)
+    lower, upper, step = random_intervals(rng, 5000)
+    values = rng.uniform(lower, upper)
+    count, stretched = quant.split_counts(lower, upper, step)
+    bounds = quant.split_bounds(lower, upper, step, count, stretched, int(count.max()))
+    # Integer boundaries are the float ones rounded down: skip values within a unit of one.
+    clear = np.abs(bounds - values[:, None]).min(axis=1) > 1
+    lower, upper, step, values, bounds, count = (
+        a[clear] for a in (lower, upper, step, values, bounds, count))
+    index = quant.sub_interval_index(bounds, count, values)
+    rows = np.arange(len(values))
+    as_t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    new_lower, new_upper = split_interval(as_t(values), as_t(lower), as_t(upper), as_t(step))
+    # Integer bounds round half-units down; the float split must agree to within one unit.
+    assert np.abs(new_lower.numpy() - bounds[rows, index]).max() <= 1
+    assert np.abs(new_upper.numpy() - bounds[rows, index + 1]).max() <= 1
+
+
+def test_probabilities_are_normalised_even_far_in_the_tail():
+    lower = np.array([-10, 10**6, -(10**7), 0])
+    upper = np.array([10, 10**6 + 64, -(10**7) + 50, 3])
+    step = np.array([8, 16, 16, 1])
+    count, stretched = quant.split_counts(lower, upper, step)
+    bounds = quant.split_bounds(lower, upper, step, count, stretched, int(count.max()))
+    p = quant.interval_probabilities(bounds, np.array([5.0, 1.0, 2.0, 0.5]))
+    assert np.allclose(p.sum(axis=1), 1) and (p >= 0).all() and np.isfinite(p).all()
+    # In the far upper tail the mass decays away from the mean: the lowest cell is likeliest.
+    assert p[1, 0] == p[1, : count[1]].max()
+
+
+def test_conditional_mean_lies_inside_its_interval():
+    rng = np.random.default_rng(3)
+    lower = rng.integers(-3000, 3000, 10000)
+    upper = lower + rng.integers(1, 200, 10000)
+    sigma = rng.uniform(0.5, 500, 10000)
+    coded = rng.random(10000) < 0.9
+    value = quant.reconstruct(lower, upper, sigma, coded)
+    assert (value[coded] >= lower[coded]).all() and (value[coded] <= upper[coded]).all()
+    assert (value[~coded] == 0).all()
+    # Pulled toward the prior mean 0 relative to the midpoint.
+    mid = (lower + upper) / 2
+    assert (np.abs(value[coded]) <= np.abs(mid[coded]) + 1e-9).all()
+
+
+def test_scale_snapping_is_monotone():
+    sigma = np.exp(np.linspace(-5, 6, 1000))
+    index = quant.scale_indexes(sigma)
+    assert (np.diff(index) >= 0).all() and index.min() == 0 and index.max() == len(quant.SCALES) - 1
