@@ -7,7 +7,7 @@ KODAK  ?= ../shared/data/kodak
 TRAIN  ?= ../shared/data/train
 DEMO   := demo-output
 
-.PHONY: help install test demo bench train export lint clean
+.PHONY: help install test demo bench bench-tools train fuzz lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,8 +33,17 @@ demo: $(STAMP)  ## encode the bundled sample, decode it at several layers and by
 	  $(BIN)/pcodec decode $(DEMO)/parrots.$$n.pcb -o $(DEMO)/parrots.b$$n.png; done
 	@echo "demo outputs in $(DEMO)/"
 
+bench-tools:  ## install the peer codecs from Debian packages (needs root)
+	apt-get update -qq && apt-get install -y -qq libopenjp2-tools libjxl-tools webp libavif-bin ffmpeg
+
+bench: $(STAMP)  ## RD + speed of pcodec and the peers on Kodak -> bench-output/
+	$(BIN)/pcodec bench $(KODAK) -o bench-output
+
 train: $(STAMP)  ## train (resumes from ~/.cache/pcodec/runs/hp128) with Kodak evaluation
 	$(BIN)/pcodec train --config hp128 --data $(TRAIN) --kodak $(KODAK)
+
+fuzz: $(STAMP)  ## long decoder fuzz run (100 000 mutated streams)
+	OMP_NUM_THREADS=1 $(BIN)/python tests/fuzzing.py --cases 100000
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check pcodec tests

@@ -90,7 +90,7 @@ def _stats(name: str, output: str, size: int, width: int, height: int, layers: i
 
 max_pixels_option = click.option(
     "--max-pixels", type=click.IntRange(min=1), default=None,
-    help="Refuse images larger than this many pixels [default: 268435456, or $PCODEC_MAX_PIXELS].")
+    help="Refuse images larger than this many pixels [default: 33554432, or $PCODEC_MAX_PIXELS].")
 overwrite_option = click.option("--no-overwrite", is_flag=True,
                                 help="Fail instead of replacing an existing output file.")
 
@@ -282,6 +282,25 @@ def info(obj, inputs, as_json, max_pixels):
     for path in inputs:
         batch.run(path, lambda: one(path))
     batch.finish(len(inputs))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("bench-output"),
+              show_default=True, help="Where bench.json and rd.png go.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images.")
+@click.option("--cuts", type=click.IntRange(min=2), default=16, show_default=True,
+              help="Byte offsets per pcodec stream (log-spaced).")
+@click.option("--codec", "codecs", multiple=True,
+              help="Only codecs whose name contains this (repeatable; 'pcodec' for ours).")
+def bench(folder, out_dir, limit, cuts, codecs):
+    """Rate–distortion and speed of pcodec and the classical codecs on a folder of images."""
+    from .bench import run_bench, table
+
+    result = run_bench(folder, out_dir, limit, cuts, list(codecs) or None,
+                       progress=sys.stderr.isatty())
+    click.echo(table(result))
+    click.echo(f"\n{out_dir}/bench.json, {out_dir}/rd.png")
 
 
 @main.command(add_help_option=False,

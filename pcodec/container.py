@@ -21,7 +21,7 @@ VERSION = 1
 MAX_SECTIONS = 64
 MAX_MODEL_ID = 64
 DIGEST_BYTES = 8
-DEFAULT_MAX_PIXELS = 1 << 28  # 268 megapixels; see imageio.max_pixels() for the override
+DEFAULT_MAX_PIXELS = 1 << 25  # 33.5 megapixels (8K UHD fits); override: --max-pixels
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,9 @@ def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
     y_star = quant.reconstruct(state.lower, state.upper, state.sigma_units, state.coded,
                                conditional_mean) * model.unit[state.channel]
     gain = model.gains[np.maximum(state.level, 1) - 1, state.channel]
-    y_hat = state.mu + (gain * y_star).reshape(state.mu.shape)
+    # A damaged stream with valid CRCs can decode absurd values; keep them finite.
+    y_hat = np.nan_to_num(state.mu + (gain * y_star).reshape(state.mu.shape),
+                          posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
     with torch.no_grad():
         x = model.network.g_s(torch.from_numpy(y_hat.astype(np.float32))[None])
     pixels = torch.clamp(x[0] * 255 + 0.5, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -311,9 +313,11 @@ def read_stream(model: LoadedModel, data: bytes, layers: int | None = None,
 
 def decode(model: LoadedModel, data: bytes, layers: int | None = None,
            max_bytes: int | None = None, allow_partial: bool = False,
-           conditional_mean: bool = True) -> np.ndarray:
+           conditional_mean: bool = True,
+           max_pixels: int = container.DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image from a stream, or from its first `layers` layers / first `max_bytes` bytes."""
-    header, payloads, partial = read_stream(model, data, layers, max_bytes, allow_partial)
+    header, payloads, partial = read_stream(model, data, layers, max_bytes, allow_partial,
+                                            max_pixels)
     state = None
     for _, state in decode_latents(model, header, payloads, partial):
         pass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import StreamError
+
 _PAD_WORDS = 4  # padding beyond a prefix: enough that both decoders diverge before running dry
 _PREFIX_BATCH = 256  # symbols decoded per step when decoding a prefix
 
@@ -85,6 +87,10 @@ class _UniformModel(Model):
     def _family_and_params(self, start, stop):
         return _constriction().stream.model.Uniform(self.size), ()
 
+    def decode(self, decoder, start: int, stop: int) -> np.ndarray:
+        model = _constriction().stream.model.Uniform(self.size)
+        return np.asarray(decoder.decode(model, stop - start), dtype=np.int64).reshape(-1)
+
 
 def decode(data: bytes, models, complete: bool = True) -> list[np.ndarray]:
     """Decode the symbols of each model in turn.
@@ -95,12 +101,16 @@ def decode(data: bytes, models, complete: bool = True) -> list[np.ndarray]:
     model's symbols stop short, the later models get empty arrays.
     """
     constriction = _constriction()
-    if complete:
-        usable = len(data) - len(data) % 4
-        decoder = constriction.stream.queue.RangeDecoder(_to_words(data[:usable]))
+    if not complete:
+        return decode_prefix(data, models)
+    usable = len(data) - len(data) % 4
+    decoder = constriction.stream.queue.RangeDecoder(_to_words(data[:usable]))
+    try:
         return [model.decode(decoder, 0, len(model)) if len(model) else np.zeros(0, np.int64)
                 for model in models]
-    return decode_prefix(data, models)
+    except (AssertionError, ValueError, RuntimeError) as error:
+        # constriction reports data that no encoder could have produced this way.
+        raise StreamError(f"corrupt stream: entropy decoding failed ({error})") from None
 
 
 def decode_prefix(data: bytes, models) -> list[np.ndarray]:

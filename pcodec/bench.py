@@ -1,0 +1,469 @@
+"""`pcodec bench`: rate–distortion and speed of pcodec and the classical codecs, side by side.
+
+Every rate is the size of a real file (headers included) divided by the pixel count; every
+distortion is measured on the decoded 8-bit RGB image. Peers are command-line tools from Debian
+packages (`make bench-tools`); a missing tool is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import image_files, psnr
+
+REFERENCE = "JPEG 2000 (OpenJPEG, layered)"
+SECOND_REFERENCE = "HEVC-intra 4:4:4 (x265, BPG stand-in)"
+# bpp targets for the progressive JPEG 2000 layers and for pcodec's byte cuts.
+J2K_LAYER_BPP = (0.06, 0.1, 0.16, 0.25, 0.4, 0.6, 0.9, 1.3, 1.9, 2.8)
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    """MS-SSIM on RGB (pytorch_msssim, installed with compressai); None for tiny images."""
+    if min(a.shape[:2]) < 161:  # five scales of an 11-tap window need ≥ 161 px
+        return None
+    import torch
+    from pytorch_msssim import ms_ssim as msssim
+
+    x = torch.from_numpy(np.array(a)).permute(2, 0, 1)[None].float()
+    y = torch.from_numpy(np.array(b)).permute(2, 0, 1)[None].float()
+    return float(msssim(x, y, data_range=255))
+
+
+def bd_rate(rate_a, psnr_a, rate_b, psnr_b) -> float | None:
+    """Bjøntegaard delta rate of B against A, in percent (negative: B needs fewer bits), with
+    pchip interpolation of log-rate over the overlapping PSNR range."""
+    from scipy.integrate import trapezoid
+    from scipy.interpolate import PchipInterpolator
+
+    pa, ra = _sorted_curve(psnr_a, rate_a)
+    pb, rb = _sorted_curve(psnr_b, rate_b)
+    if len(pa) < 2 or len(pb) < 2:
+        return None
+    low, high = max(pa[0], pb[0]), min(pa[-1], pb[-1])
+    if high <= low:
+        return None
+    grid = np.linspace(low, high, 1000)
+    log_a = PchipInterpolator(pa, np.log(ra))(grid)
+    log_b = PchipInterpolator(pb, np.log(rb))(grid)
+    return float((np.exp(trapezoid(log_b - log_a, grid) / (high - low)) - 1) * 100)
+
+
+def bd_psnr(rate_a, psnr_a, rate_b, psnr_b) -> float | None:
+    """Bjøntegaard delta PSNR of B against A in dB over the overlapping log-rate range."""
+    from scipy.integrate import trapezoid
+    from scipy.interpolate import PchipInterpolator
+
+    la, pa = _sorted_curve(np.log(rate_a), psnr_a)
+    lb, pb = _sorted_curve(np.log(rate_b), psnr_b)
+    if len(la) < 2 or len(lb) < 2:
+        return None
+    low, high = max(la[0], lb[0]), min(la[-1], lb[-1])
+    if high <= low:
+        return None
+    grid = np.linspace(low, high, 1000)
+    diff = PchipInterpolator(lb, pb)(grid) - PchipInterpolator(la, pa)(grid)
+    return float(trapezoid(diff, grid) / (high - low))
+
+
+def _sorted_curve(x, y):
+    """Points sorted by x with duplicate x removed (pchip needs a strictly increasing x)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    keep = np.concatenate([[True], np.diff(x) > 1e-9])
+    return x[keep], y[keep]
+
+
+# -- peers ---------------------------------------------------------------------------------
+
+def _run(args, **kwargs):
+    return subprocess.run(args, check=True, capture_output=True, **kwargs)
+
+
+def _read_any(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class Peer:
+    name = ""
+    tools: tuple[str, ...] = ()
+    progressive = False
+
+    def available(self) -> bool:
+        return all(shutil.which(t) for t in self.tools)
+
+    def points(self, source: Path, image: np.ndarray, work: Path):
+        """Yield (file bytes, decoded image, encode s, decode s) per rate point."""
+        raise NotImplementedError
+
+
+class Jpeg2000Layered(Peer):
+    """One OpenJPEG file with quality layers (LRCP, PLT markers); the k-layer file is the
+    codestream prefix holding the first k layers' packets plus an EOC marker."""
+
+    name = REFERENCE
+    tools = ("opj_compress", "opj_decompress")
+    progressive = True
+
+    def points(self, source, image, work):
+        ratios = ",".join(f"{24 / b:.3f}" for b in J2K_LAYER_BPP)
+        full = work / "layered.j2k"
+        start = time.perf_counter()
+        _run(["opj_compress", "-i", str(source), "-o", str(full), "-r", ratios, "-p", "LRCP", "-PLT"])
+        encode_s = time.perf_counter() - start
+        data = full.read_bytes()
+        for layers in range(1, len(J2K_LAYER_BPP) + 1):
+            prefix = j2k_layer_prefix(data, layers, len(J2K_LAYER_BPP))
+            path = work / f"l{layers}.j2k"
+            path.write_bytes(prefix)
+            out = work / f"l{layers}.ppm"
+            start = time.perf_counter()
+            _run(["opj_decompress", "-i", str(path), "-o", str(out)])
+            yield len(prefix), _read_any(out), encode_s, time.perf_counter() - start
+
+
+def j2k_layer_prefix(data: bytes, layers: int, total_layers: int) -> bytes:
+    """A decodable codestream of the first `layers` quality layers of a one-tile, LRCP
+    codestream with PLT markers: main header + tile-part header (Psot rewritten) + the first
+    layers' packets + EOC."""
+    position = 2  # after SOC
+    while True:
+        marker, length = struct.unpack(">HH", data[position:position + 4])
+        if marker == 0xFF90:  # SOT
+            break
+        position += 2 + length
+    sot = position
+    packet_lengths, position = [], sot + 12
+    while True:
+        marker = struct.unpack(">H", data[position:position + 2])[0]
+        if marker == 0xFF93:  # SOD
+            sod_end = position + 2
+            break
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        if marker == 0xFF58:  # PLT: Zplt then packet lengths in 7-bit groups
+            value = 0
+            for byte in data[position + 5:position + 2 + length]:
+                value = (value << 7) | (byte & 0x7F)
+                if not byte & 0x80:
+                    packet_lengths.append(value)
+                    value = 0
+        position += 2 + length
+    per_layer = len(packet_lengths) // total_layers
+    if per_layer * total_layers != len(packet_lengths):
+        raise ValueError("unexpected packet count in the JPEG 2000 codestream")
+    body = sum(packet_lengths[: per_layer * layers])
+    tile = bytearray(data[sot:sod_end + body])
+    tile[6:10] = struct.pack(">I", len(tile))  # Psot: this tile-part's new length
+    return data[:sot] + bytes(tile) + b"\xff\xd9"
+
+
+class Jpeg2000(Peer):
+    name = "JPEG 2000 (OpenJPEG, one file per rate)"
+    tools = ("opj_compress", "opj_decompress")
+
+    def points(self, source, image, work):
+        for bpp in J2K_LAYER_BPP[::2]:
+            path, out = work / f"r{bpp}.j2k", work / f"r{bpp}.ppm"
+            start = time.perf_counter()
+            _run(["opj_compress", "-i", str(source), "-o", str(path), "-r", f"{24 / bpp:.3f}"])
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            _run(["opj_decompress", "-i", str(path), "-o", str(out)])
+            yield path.stat().st_size, _read_any(out), encode_s, time.perf_counter() - start
+
+
+class ProgressiveJpeg(Peer):
+    name = "JPEG progressive (Pillow/libjpeg, 4:2:0)"
+
+    def points(self, source, image, work):
+        from PIL import Image
+
+        for quality in (10, 25, 45, 65, 80, 90, 95):
+            buffer = io.BytesIO()
+            start = time.perf_counter()
+            Image.fromarray(image).save(buffer, "JPEG", quality=quality, progressive=True,
+                                        optimize=True)
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+            yield len(buffer.getvalue()), decoded, encode_s, time.perf_counter() - start
+
+
+class JpegXL(Peer):
+    name = "JPEG XL (cjxl 0.7, non-progressive)"
+    tools = ("cjxl", "djxl")
+
+    def points(self, source, image, work):
+        for distance in (12, 7, 4.5, 3, 2, 1.2, 0.7, 0.4):
+            path, out = work / f"d{distance}.jxl", work / f"d{distance}.ppm"
+            start = time.perf_counter()
+            _run(["cjxl", str(source), str(path), "-d", str(distance), "--quiet"])
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            _run(["djxl", str(path), str(out), "--quiet"])
+            yield path.stat().st_size, _read_any(out), encode_s, time.perf_counter() - start
+
+
+class WebP(Peer):
+    name = "WebP (cwebp)"
+    tools = ("cwebp", "dwebp")
+
+    def points(self, source, image, work):
+        png = work / "source.png"
+        if not png.exists():
+            from PIL import Image
+
+            Image.fromarray(image).save(png)
+        for quality in (5, 20, 40, 60, 75, 88, 96):
+            path, out = work / f"q{quality}.webp", work / f"q{quality}.ppm"
+            start = time.perf_counter()
+            _run(["cwebp", "-quiet", "-q", str(quality), "-m", "6", str(png), "-o", str(path)])
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            _run(["dwebp", "-quiet", str(path), "-ppm", "-o", str(out)])
+            yield path.stat().st_size, _read_any(out), encode_s, time.perf_counter() - start
+
+
+class Avif(Peer):
+    name = "AVIF 4:4:4 (avifenc/aom)"
+    tools = ("avifenc", "avifdec")
+
+    def points(self, source, image, work):
+        png = work / "source.png"
+        if not png.exists():
+            from PIL import Image
+
+            Image.fromarray(image).save(png)
+        for quantizer in (58, 50, 42, 34, 26, 18, 10):
+            path, out = work / f"q{quantizer}.avif", work / f"q{quantizer}.png"
+            start = time.perf_counter()
+            _run(["avifenc", "-j", "2", "-s", "6", "-y", "444", "--min", str(quantizer), "--max",
+                  str(quantizer), str(png), str(path)])
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            _run(["avifdec", "-j", "2", str(path), str(out)])
+            yield path.stat().st_size, _read_any(out), encode_s, time.perf_counter() - start
+
+
+class HevcIntra(Peer):
+    """x265 through ffmpeg, 4:4:4, one intra frame, raw Annex-B stream: BPG's core without
+    its container (BPG itself is not packaged)."""
+
+    name = SECOND_REFERENCE
+    tools = ("ffmpeg",)
+
+    def points(self, source, image, work):
+        png = work / "source.png"
+        if not png.exists():
+            from PIL import Image
+
+            Image.fromarray(image).save(png)
+        height, width = image.shape[:2]
+        for qp in (50, 45, 40, 35, 30, 25, 20):
+            path, out = work / f"qp{qp}.hevc", work / f"qp{qp}.png"
+            start = time.perf_counter()
+            _run(["ffmpeg", "-v", "error", "-y", "-i", str(png), "-vf",
+                  "scale=out_color_matrix=bt709:out_range=full", "-pix_fmt", "yuv444p",
+                  "-color_range", "pc", "-c:v", "libx265", "-preset", "medium", "-x265-params",
+                  f"qp={qp}:keyint=1:log-level=0", "-frames:v", "1", "-f", "hevc", str(path)])
+            encode_s = time.perf_counter() - start
+            start = time.perf_counter()
+            _run(["ffmpeg", "-v", "error", "-y", "-color_range", "pc", "-colorspace", "bt709",
+                  "-i", str(path), "-vf", "scale=in_color_matrix=bt709:in_range=full",
+                  "-pix_fmt", "rgb24", "-frames:v", "1", str(out)])
+            decoded = _read_any(out)
+            if decoded.shape[:2] != (height, width):
+                decoded = decoded[:height, :width]
+            yield path.stat().st_size, decoded, encode_s, time.perf_counter() - start
+
+
+PEERS = [Jpeg2000Layered(), Jpeg2000(), ProgressiveJpeg(), JpegXL(), WebP(), Avif(), HevcIntra()]
+
+
+# -- pcodec --------------------------------------------------------------------------------
+
+def pcodec_rows(model, image: np.ndarray, cuts: int):
+    """Rows for every layer and for byte cuts of one stream; one entropy decode per point set."""
+    from . import container, engine
+
+    pixels = image.shape[0] * image.shape[1]
+    start = time.perf_counter()
+    data = engine.encode(model, image)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    full = engine.decode(model, data)
+    decode_s = time.perf_counter() - start
+    header, payloads, partial = engine.read_stream(model, data)
+    rows = []
+    for layers, state in engine.decode_latents(model, header, payloads, partial):
+        if layers == 0:
+            continue
+        size = len(container.repack(header, payloads[:layers + 1], partial[:layers + 1]))
+        decoded = full if layers == len(payloads) - 1 else engine.synthesize(
+            model, state, header.height, header.width)
+        rows.append(("layer", layers, size, decoded))
+    first = len(container.truncate(data, layers=1))
+    for size in np.unique(np.geomspace(first * 0.5, len(data), cuts).astype(int)):
+        cut = container.truncate(data, max_bytes=int(size))
+        rows.append(("cut", None, len(cut), engine.decode(model, cut)))
+    return [
+        {"kind": kind, "layers": layers, "bytes": size, "bpp": 8 * size / pixels,
+         "psnr": psnr(decoded, image), "ms_ssim": ms_ssim(decoded, image),
+         "encode_s": encode_s, "decode_s": decode_s}
+        for kind, layers, size, decoded in rows]
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def run_bench(folder: Path, out_dir: Path, limit: int | None, cuts: int, codecs: list[str] | None,
+              progress=True) -> dict:
+    from PIL import Image
+
+    from . import models
+
+    files = image_files(folder, limit)
+    if not files:
+        raise SystemExit(f"no images in {folder}")
+    peers = [p for p in PEERS if codecs is None or any(c.lower() in p.name.lower() for c in codecs)]
+    skipped = {p.name: f"missing {', '.join(t for t in p.tools if not shutil.which(t))}"
+               for p in peers if not p.available()}
+    for name, why in skipped.items():
+        print(f"bench: skipping {name}: {why} (make bench-tools)", file=sys.stderr)
+    peers = [p for p in peers if p.available()]
+    run_pcodec = codecs is None or any("pcodec" in c.lower() for c in codecs)
+    model = models.load() if run_pcodec else None
+    rows = []
+    total = len(files) * (len(peers) + int(run_pcodec))
+    done, started = 0, time.perf_counter()
+    for path in files:
+        image = _read_any(path)
+        pixels = image.shape[0] * image.shape[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            source = work / "source.ppm"
+            Image.fromarray(image).save(source)
+            if run_pcodec:
+                for row in pcodec_rows(model, image, cuts):
+                    codec = "pcodec" if row.pop("kind") == "layer" else "pcodec (byte cuts)"
+                    rows.append({"image": path.name, "codec": codec, **row})
+                done += 1
+                _progress(done, total, started, f"{path.name} pcodec", progress)
+            for peer in peers:
+                for size, decoded, encode_s, decode_s in peer.points(source, image, work):
+                    rows.append({"image": path.name, "codec": peer.name, "bytes": size,
+                                 "bpp": 8 * size / pixels, "psnr": psnr(decoded, image),
+                                 "ms_ssim": ms_ssim(decoded, image), "encode_s": encode_s,
+                                 "decode_s": decode_s})
+                done += 1
+                _progress(done, total, started, f"{path.name} {peer.name.split(' (')[0]}", progress)
+    if progress:
+        print(file=sys.stderr)
+    result = summarize(rows, len(files))
+    result["skipped"] = skipped
+    result["images"] = [p.name for p in files]
+    result["folder"] = str(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps({**result, "rows": rows}, indent=1) + "\n")
+    plot(result, out_dir / "rd.png")
+    return result
+
+
+def _progress(done, total, started, label, enabled):
+    if not enabled:
+        return
+    elapsed = time.perf_counter() - started
+    eta = elapsed / done * (total - done)
+    bar = "#" * int(30 * done / total)
+    print(f"\r[{bar:<30}] {done}/{total} {elapsed:5.0f}s eta {eta:5.0f}s  {label[:40]:<40}",
+          end="", file=sys.stderr, flush=True)
+
+
+def mean_curves(rows, images: int) -> dict:
+    """Per codec: the mean of bpp/PSNR/MS-SSIM at each setting across images (CompressAI's
+    convention). Settings are the rate points' order; pcodec byte cuts are taken at the same
+    fraction of each image's stream and are averaged by rank too."""
+    curves = {}
+    by_codec: dict[str, dict[str, list]] = {}
+    for row in rows:
+        by_codec.setdefault(row["codec"], {}).setdefault(row["image"], []).append(row)
+    for codec, per_image in by_codec.items():
+        if len(per_image) < images:
+            continue
+        points = min(len(v) for v in per_image.values())
+        series = [sorted(v, key=lambda r: r["bytes"])[:points] for v in per_image.values()]
+        curve = {"bpp": [], "psnr": [], "ms_ssim": []}
+        for index in range(points):
+            curve["bpp"].append(float(np.mean([s[index]["bpp"] for s in series])))
+            curve["psnr"].append(float(np.mean([s[index]["psnr"] for s in series])))
+            values = [s[index]["ms_ssim"] for s in series if s[index]["ms_ssim"] is not None]
+            curve["ms_ssim"].append(float(np.mean(values)) if values else None)
+        curve["encode_s"] = float(np.mean([s[0]["encode_s"] for s in series]))
+        curve["decode_s"] = float(np.mean([s[-1]["decode_s"] for s in series]))
+        curves[codec] = curve
+    return curves
+
+
+def summarize(rows, images: int) -> dict:
+    curves = mean_curves(rows, images)
+    names = list(curves)
+    matrix = {a: {b: bd_rate(curves[b]["bpp"], curves[b]["psnr"], curves[a]["bpp"], curves[a]["psnr"])
+                  for b in names} for a in names}
+    delta_psnr = {a: {b: bd_psnr(curves[b]["bpp"], curves[b]["psnr"], curves[a]["bpp"], curves[a]["psnr"])
+                      for b in names} for a in names}
+    return {"curves": curves, "bd_rate_percent": matrix, "bd_psnr_db": delta_psnr}
+
+
+def table(result: dict) -> str:
+    curves, matrix = result["curves"], result["bd_rate_percent"]
+
+    def cell(value):
+        return "n/a" if value is None else f"{value:+.1f} %"
+
+    lines = [f"| codec | BD-rate vs {REFERENCE.split(' (')[0]} (layered) | vs HEVC-intra 4:4:4 | "
+             "bpp range | PSNR range (dB) | encode s | decode s |", "|---|---|---|---|---|---|---|"]
+    for name, curve in sorted(curves.items(), key=lambda kv: matrix[kv[0]].get(REFERENCE) or 0):
+        lines.append(
+            f"| {name} | {cell(matrix[name].get(REFERENCE))} | {cell(matrix[name].get(SECOND_REFERENCE))} "
+            f"| {min(curve['bpp']):.3f}–{max(curve['bpp']):.3f} | {min(curve['psnr']):.2f}–"
+            f"{max(curve['psnr']):.2f} | {curve['encode_s']:.3f} | {curve['decode_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 6))
+    for name, curve in result["curves"].items():
+        if name == "pcodec (byte cuts)":
+            axis.plot(curve["bpp"], curve["psnr"], ".", ms=3, color="tab:red", label=name)
+        elif name == "pcodec":
+            axis.plot(curve["bpp"], curve["psnr"], "o-", color="tab:red", lw=2, label=name + " (layers)")
+        else:
+            axis.plot(curve["bpp"], curve["psnr"], "-", marker=".", lw=1, label=name)
+    axis.set_xlabel("bits per pixel (whole files)")
+    axis.set_ylabel("PSNR RGB (dB)")
+    axis.set_xlim(0, 2.5)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(f"{len(result['images'])} images of {Path(result['folder']).name}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,40 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from pcodec import bench
+
+
+def test_bd_rate_worked_example():
+    """B spends exactly 20 % fewer bits than A at every PSNR: BD-rate -20 %, and A against B
+    +25 %; B is 0.5 dB better at every rate: BD-PSNR +0.5 dB."""
+    psnr = np.array([28.0, 31.0, 34.0, 37.0, 40.0])
+    rate_a = np.array([0.15, 0.3, 0.6, 1.1, 1.9])
+    assert bench.bd_rate(rate_a, psnr, 0.8 * rate_a, psnr) == pytest.approx(-20.0, abs=1e-6)
+    assert bench.bd_rate(0.8 * rate_a, psnr, rate_a, psnr) == pytest.approx(25.0, abs=1e-6)
+    assert bench.bd_psnr(rate_a, psnr, rate_a, psnr + 0.5) == pytest.approx(0.5, abs=1e-9)
+    assert bench.bd_rate(rate_a, psnr, rate_a, psnr) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bd_rate_uses_only_the_overlap():
+    psnr = np.array([28.0, 31.0, 34.0, 37.0])
+    rate = np.array([0.2, 0.4, 0.8, 1.6])
+    # B only covers the upper half, where it is 10 % cheaper.
+    assert bench.bd_rate(rate, psnr, 0.9 * rate[2:], psnr[2:]) == pytest.approx(-10.0, abs=1e-6)
+    assert bench.bd_rate(rate[:2], psnr[:2], rate[2:], psnr[2:]) is None
+
+
+@pytest.mark.skipif(not shutil.which("opj_compress"), reason="OpenJPEG tools not installed")
+def test_j2k_layer_prefixes_decode_and_grow(tmp_path):
+    from PIL import Image
+
+    from conftest import synthetic_image
+
+    image = synthetic_image(96, 128)
+    source = tmp_path / "s.ppm"
+    Image.fromarray(image).save(source)
+    points = list(bench.Jpeg2000Layered().points(source, image, tmp_path))
+    sizes = [p[0] for p in points]
+    quality = [bench.psnr(p[1], image) for p in points]
+    assert sizes == sorted(sizes) and quality[-1] > quality[0]
