@@ -33,7 +33,6 @@ class LatentState:
     lower: np.ndarray  # (E,) interval bounds in grid units; meaningful where coded
     upper: np.ndarray
     coded: np.ndarray  # (E,) bool: element has an interval
-    level: np.ndarray  # (E,) layers that have covered the element (selects its gain)
 
 
 def _torch():
@@ -80,7 +79,7 @@ def _new_state(model: LoadedModel, z_hat: np.ndarray) -> LatentState:
         mu=mu, scale_index=scale_index, channel=channel,
         sigma_units=quant.SCALES[scale_index] / model.unit[channel],
         lower=np.zeros(count, np.int64), upper=np.zeros(count, np.int64),
-        coded=np.zeros(count, bool), level=np.zeros(count, np.int64))
+        coded=np.zeros(count, bool))
 
 
 # -- hyper-latent section ------------------------------------------------------------------
@@ -100,28 +99,20 @@ def _encode_hyper(model: LoadedModel, z_hat: np.ndarray) -> bytes:
     return entropy.encode(parts)
 
 
-def _decode_hyper(model: LoadedModel, data: bytes | None, shape, complete: bool) -> np.ndarray:
-    """ẑ from its section; symbols the data does not determine take the table's mode."""
-    table = model.z_table
+def _decode_hyper(model: LoadedModel, data: bytes | None, shape) -> np.ndarray:
+    """ẑ from its (complete) section; without one, every symbol takes its table's mode."""
     channels, height, width = shape
-    mode = (np.argmax(table, axis=1) - Z_RANGE).repeat(height * width)
+    mode = (np.argmax(model.z_table, axis=1) - Z_RANGE).repeat(height * width)
     if data is None:
         return mode.reshape(shape)
     z_model = _z_models(model, shape)
-    (symbols,) = entropy.decode(data, [z_model], complete)
-    values = mode.copy()
-    values[: len(symbols)] = symbols - Z_RANGE
-    escaped = np.nonzero(np.abs(values[: len(symbols)]) >= Z_RANGE)[0]
-    if len(escaped) and len(symbols) == len(values):
-        excess_models = [part[0] for part in entropy.encode_uniform(np.zeros(len(escaped)), ESCAPE_BITS)]
-        decoded = entropy.decode(data, [z_model] + excess_models, complete)
-        if all(len(d) == len(escaped) for d in decoded[1:]):
-            excess = (decoded[1] << ESCAPE_BITS) | decoded[2]
-            values[escaped] = np.sign(values[escaped]) * (Z_RANGE + excess)
-        else:
-            values[escaped] = mode[escaped]
-    elif len(escaped):
-        values[escaped] = mode[escaped]
+    (symbols,) = entropy.decode(data, [z_model])
+    values = symbols - Z_RANGE
+    escaped = np.nonzero(np.abs(values) >= Z_RANGE)[0]
+    if len(escaped):
+        excess_models = [p[0] for p in entropy.encode_uniform(np.zeros(len(escaped)), ESCAPE_BITS)]
+        _, high, low = entropy.decode(data, [z_model] + excess_models)
+        values[escaped] = np.sign(values[escaped]) * (Z_RANGE + ((high << ESCAPE_BITS) | low))
     return values.reshape(shape)
 
 
@@ -188,7 +179,6 @@ def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: n
         symbols = quant.sub_interval_index(plan.bounds, plan.counts, values)
         _apply_refinement(state, plan, symbols)
         parts = [(plan.model, symbols)]
-    state.level[:] = layer + 1
     return entropy.encode(parts)
 
 
@@ -207,9 +197,7 @@ def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: byte
                 symbols[escaped] = np.sign(symbols[escaped]) * (FIRST_LAYER_RANGE + excess)
             else:  # the prefix ends before the escapes' excess: those stay uncoded
                 symbols = symbols[: escaped[0]]
-        elements = plan.elements[: len(symbols)]
-        _apply_first_layer(model, state, elements, symbols)
-        state.level[elements] = 1
+        _apply_first_layer(model, state, plan.elements[: len(symbols)], symbols)
     else:
         (symbols,) = entropy.decode(data, [plan.model], complete)
         if complete and len(symbols) and (symbols.min() < 0 or np.any(
@@ -217,10 +205,6 @@ def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: byte
             raise StreamError(f"corrupt stream: impossible symbol in layer {layer + 1}")
         symbols = np.minimum(symbols, plan.counts[: len(symbols)] - 1)
         _apply_refinement(state, plan, symbols)
-        # Elements this layer does not split are final at this layer too.
-        untouched = np.ones(len(state.level), bool)
-        untouched[plan.elements[len(symbols):]] = False
-        state.level[untouched & state.coded] = layer + 1
 
 
 # -- public API ----------------------------------------------------------------------------
@@ -266,8 +250,10 @@ def decode_latents(model: LoadedModel, header: container.Header, payloads, parti
     """Entropy-decode the sections in order, yielding (layers decoded, state) after the
     hyper-latent and after each layer; the state is updated in place."""
     z_shape, y_shape = latent_shapes(model, header.height, header.width)
-    hyper = payloads[0] if payloads else None
-    z_hat = _decode_hyper(model, hyper, z_shape, not (partial and partial[0]))
+    # A cut hyper-latent section is not used: a few more ẑ symbols change the prior of every
+    # element and need not improve the image; the image of the most probable ẑ does for now.
+    hyper = payloads[0] if payloads and not partial[0] else None
+    z_hat = _decode_hyper(model, hyper, z_shape)
     state = _new_state(model, z_hat)
     if state.mu.shape != y_shape:
         raise StreamError("corrupt stream: latent shape mismatch")
@@ -282,9 +268,8 @@ def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
     torch = _torch()
     y_star = quant.reconstruct(state.lower, state.upper, state.sigma_units, state.coded,
                                conditional_mean) * model.unit[state.channel]
-    gain = model.gains[np.maximum(state.level, 1) - 1, state.channel]
     # A damaged stream with valid CRCs can decode absurd values; keep them finite.
-    y_hat = np.nan_to_num(state.mu + (gain * y_star).reshape(state.mu.shape),
+    y_hat = np.nan_to_num(state.mu + y_star.reshape(state.mu.shape),
                           posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
     with torch.no_grad():
         x = model.network.g_s(torch.from_numpy(y_hat.astype(np.float32))[None])

@@ -70,11 +70,10 @@ def hyper_latent_table(entropy_bottleneck) -> np.ndarray:
 class LoadedModel:
     model_id: str
     digest: bytes
-    network: object  # network.HyperpriorNetwork, eval mode, float32
+    network: object  # transforms.Transforms: g_a, g_s, h_a, h_s in float32
     hyper_synthesis: object  # float64 copy of network.h_s: the prior must be reproducible
     unit: np.ndarray  # (M,) grid unit per channel
     int_steps: np.ndarray  # (L, M) integer steps
-    gains: np.ndarray  # (L, M) dequantization gains
     z_table: np.ndarray  # (N, 2*Z_RANGE+1) integer frequencies
     config: dict
 
@@ -88,29 +87,31 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
 
     import torch
 
-    from .network import HyperpriorNetwork, NetworkConfig
     from .quant import integer_steps
+    from .transforms import Transforms
 
     path = Path(path)
     try:
         raw = path.read_bytes()
         saved = torch.load(path, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError, ValueError) as error:
+        config, state = saved["config"], saved["model"]
+        network = Transforms(config["N"], config["M"], state)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
-    config = saved["config"]
-    net_config = NetworkConfig(N=config["N"], M=config["M"], layers=len(config["lambdas"]))
-    network = HyperpriorNetwork(net_config)
-    network.load_state_dict(saved["model"])
-    network.eval()
     hyper_synthesis = copy.deepcopy(network.h_s).double()
-    steps = torch.exp(network.log_steps).detach().double().numpy()
-    unit, int_steps = integer_steps(steps)
-    gains = torch.exp(network.log_gains).detach().double().numpy()
+    unit, int_steps = integer_steps(torch.exp(state["log_steps"]).double().numpy())
     z_table = saved.get("z_table")
-    z_table = z_table.numpy() if z_table is not None else hyper_latent_table(
-        network.entropy_bottleneck)
+    if z_table is None:  # weights exported before tables were stored: derive them here
+        from .network import HyperpriorNetwork, NetworkConfig
+
+        full = HyperpriorNetwork(NetworkConfig(N=config["N"], M=config["M"],
+                                               layers=len(config["lambdas"])))
+        full.load_state_dict(state)
+        z_table = hyper_latent_table(full.entropy_bottleneck)
+    else:
+        z_table = z_table.numpy()
     return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), network,
-                       hyper_synthesis, unit, int_steps, gains, z_table, config)
+                       hyper_synthesis, unit, int_steps, z_table, config)
 
 
 @lru_cache(maxsize=4)

@@ -20,6 +20,8 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck
     from compressai.layers import GDN
 
+from .transforms import build_transforms
+
 
 SCALE_MIN = 0.04  # lower bound of the prior's sigma; matches the coder's scale table
 SLIVER = 0.3  # DeepHQ's boundary-aware threshold: slivers narrower than 0.3 step are merged
@@ -41,18 +43,27 @@ class NetworkConfig:
         return asdict(self)
 
 
-def conv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
-
-
-def deconv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.ConvTranspose2d:
-    return nn.ConvTranspose2d(
-        cin, cout, kernel, stride=stride, padding=kernel // 2, output_padding=stride - 1
-    )
-
-
 def gaussian_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.erfc(-x * (2**-0.5))
+
+
+def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x | lower < x < upper] for x ~ N(0, sigma): what the decoder reconstructs (float
+    mirror of quant.reconstruct; mirrored to the negative side and normalised by Φ(b) in the
+    log domain so that tail intervals stay finite)."""
+    midpoint = (lower + upper) / 2
+    mirror = midpoint > 0
+    a = torch.where(mirror, -upper, lower) / sigma
+    b = torch.where(mirror, -lower, upper) / sigma
+    log_norm = torch.special.log_ndtr(b)
+    mass = -torch.expm1(torch.special.log_ndtr(a) - log_norm)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    density = (torch.exp(-0.5 * a * a - half_log_2pi - log_norm)
+               - torch.exp(-0.5 * b * b - half_log_2pi - log_norm))
+    mean = sigma * density / mass.clamp(min=1e-12)
+    mean = torch.where(mirror, -mean, mean)
+    ok = torch.isfinite(mean) & (mean >= lower) & (mean <= upper)
+    return torch.where(ok, mean, midpoint)
 
 
 def interval_mass(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -114,31 +125,23 @@ def split_interval(y_star, lower, upper, step):
 
 class HyperpriorNetwork(nn.Module):
     """Mean-scale hyperprior (Minnen et al. 2018, no context model) with a learned
-    hierarchical quantizer: per-layer, per-channel step sizes and dequantization gains."""
+    hierarchical quantizer: per-layer, per-channel step sizes.
+
+    DeepHQ also learns a dequantization gain per layer and channel on top of midpoint
+    reconstruction; here the decoder reconstructs at the prior's conditional mean inside the
+    interval and training sees exactly that, so no gains are needed and an element's
+    reconstruction does not depend on which layer the others have reached (a cut inside a
+    layer mixes elements of two layers)."""
 
     def __init__(self, config: NetworkConfig = NetworkConfig()):
         super().__init__()
         self.config = config
         N, M, L = config.N, config.M, config.layers
-        self.g_a = nn.Sequential(
-            conv(3, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N), conv(N, M)
-        )
-        self.g_s = nn.Sequential(
-            deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
-            deconv(N, N), GDN(N, inverse=True), deconv(N, 3),
-        )
-        self.h_a = nn.Sequential(
-            conv(M, N, 3, 1), nn.LeakyReLU(inplace=True), conv(N, N), nn.LeakyReLU(inplace=True),
-            conv(N, N),
-        )
-        self.h_s = nn.Sequential(
-            deconv(N, M), nn.LeakyReLU(inplace=True), deconv(M, M * 3 // 2),
-            nn.LeakyReLU(inplace=True), conv(M * 3 // 2, M * 2, 3, 1),
-        )
+        for name, module in build_transforms(N, M, GDN).items():
+            setattr(self, name, module)
         self.entropy_bottleneck = EntropyBottleneck(N)
         ladder = torch.linspace(math.log(config.coarsest_step), math.log(config.finest_step), L)
         self.log_steps = nn.Parameter(ladder.view(L, 1).repeat(1, M))
-        self.log_gains = nn.Parameter(torch.zeros(L, M))
 
     def steps(self) -> torch.Tensor:
         return torch.exp(self.log_steps)
@@ -163,7 +166,6 @@ class HyperpriorNetwork(nn.Module):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             means, scales = self.prior(z_hat)
         y_star = y - means
-        index = layer_of - 1
         lower, upper = nested_intervals(y_star, self.steps(), layer_of)
         # Rate: the bits the coder spends for layers 1..l, -log2 of the prior's mass on the
         # final nested interval (the renormalised layer masses telescope to it). Gradient to
@@ -171,9 +173,8 @@ class HyperpriorNetwork(nn.Module):
         slide = y_star - y_star.detach()
         y_likelihoods = torch.clamp(
             interval_mass(lower + slide, upper + slide, scales), min=LIKELIHOOD_MIN)
-        # Distortion: the decoder's reconstruction, the interval midpoint times the gain.
-        gain = torch.exp(self.log_gains[index]).unsqueeze(-1).unsqueeze(-1)
-        y_hat = means + gain * ((lower + upper) / 2 + slide)
+        # Distortion: the decoder's reconstruction, the prior's conditional mean in the interval.
+        y_hat = means + conditional_mean(lower, upper, scales) + slide
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat)
         return x_hat.float(), y_likelihoods, z_likelihoods

@@ -144,7 +144,13 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
     elif init_weights is not None:
         weights = torch.load(init_weights, weights_only=False)
-        model.load_state_dict(weights["model"])
+        # Tolerate parameters an older architecture had and this one dropped (e.g. DeepHQ's
+        # dequantization gains), never missing ones.
+        missing, unexpected = model.load_state_dict(weights["model"], strict=False)
+        if missing:
+            raise SystemExit(f"{init_weights} lacks parameters: {', '.join(missing)}")
+        if unexpected:
+            print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
         state.update({k: weights["state"][k] for k in ("step", "seconds", "images", "history")})
         print(f"started from weights {init_weights} (step {state['step']}) with a fresh optimizer",
               file=log)

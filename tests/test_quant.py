@@ -91,3 +91,16 @@ def test_scale_snapping_is_monotone():
     sigma = np.exp(np.linspace(-5, 6, 1000))
     index = quant.scale_indexes(sigma)
     assert (np.diff(index) >= 0).all() and index.min() == 0 and index.max() == len(quant.SCALES) - 1
+
+
+def test_training_reconstruction_matches_decoder_reconstruction():
+    from pcodec.network import conditional_mean
+
+    rng = np.random.default_rng(4)
+    lower = rng.integers(-3000, 3000, 5000)
+    upper = lower + rng.integers(1, 300, 5000)
+    sigma = rng.uniform(0.5, 800, 5000)
+    decoder = quant.reconstruct(lower, upper, sigma, np.ones(5000, bool))
+    as_t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    training = conditional_mean(as_t(lower), as_t(upper), as_t(sigma)).numpy()
+    assert np.allclose(training, decoder, rtol=1e-9, atol=1e-6)
