@@ -20,19 +20,27 @@ from .models import Z_RANGE, LoadedModel
 PAD_MULTIPLE = 64  # the transforms downsample by 64 in all (16 for y, 4 more for z)
 FIRST_LAYER_RANGE = 1024  # layer-1 symbols -R..R; ±R are escapes followed by the excess
 ESCAPE_BITS = 16  # excess of an escape coded as two uniform 16-bit halves
+TILE_LATENTS = 48  # transforms run on tiles of 48x48 latents (768x768 pixels) ...
+TILE_MARGIN = 4  # ... with 4 latents (64 pixels) of context around each
+
+
+CHUNK = 1 << 15  # elements whose probability tables are built at a time (bounds memory)
 
 
 @dataclass
 class LatentState:
     """What both sides know about the latent after some sections: the prior and intervals."""
 
-    mu: np.ndarray  # (M, h, w) prior mean
+    mu: np.ndarray  # (M, h, w) prior mean, float32
     scale_index: np.ndarray  # (E,) index into quant.SCALES
     channel: np.ndarray  # (E,) channel of each element (flattened C, H, W order)
-    sigma_units: np.ndarray  # (E,) prior scale in grid units
     lower: np.ndarray  # (E,) interval bounds in grid units; meaningful where coded
     upper: np.ndarray
     coded: np.ndarray  # (E,) bool: element has an interval
+
+    def sigma_units(self, model: LoadedModel, elements=slice(None)) -> np.ndarray:
+        """Prior scale in grid units (from the snapped table value)."""
+        return quant.SCALES[self.scale_index[elements]] / model.unit[self.channel[elements]]
 
 
 def _torch():
@@ -67,154 +75,216 @@ def _prior(model: LoadedModel, z_hat: np.ndarray):
         params = model.hyper_synthesis(torch.from_numpy(z_hat.astype(np.float64))[None])[0]
     scales, means = params.chunk(2, 0)
     sigma = np.maximum(np.abs(scales.numpy()), quant.SCALES[0])
-    return means.numpy(), quant.scale_indexes(sigma.reshape(-1))
+    return means.numpy().astype(np.float32), quant.scale_indexes(sigma.reshape(-1))
 
 
 def _new_state(model: LoadedModel, z_hat: np.ndarray) -> LatentState:
     mu, scale_index = _prior(model, z_hat)
-    channels = mu.shape[0]
     count = mu.size
-    channel = np.repeat(np.arange(channels), mu.shape[1] * mu.shape[2])
-    return LatentState(
-        mu=mu, scale_index=scale_index, channel=channel,
-        sigma_units=quant.SCALES[scale_index] / model.unit[channel],
-        lower=np.zeros(count, np.int64), upper=np.zeros(count, np.int64),
-        coded=np.zeros(count, bool))
+    channel = np.repeat(np.arange(mu.shape[0], dtype=np.int32), mu.shape[1] * mu.shape[2])
+    return LatentState(mu=mu, scale_index=scale_index, channel=channel,
+                       lower=np.zeros(count, np.int64), upper=np.zeros(count, np.int64),
+                       coded=np.zeros(count, bool))
 
 
 # -- hyper-latent section ------------------------------------------------------------------
 
-def _z_models(model: LoadedModel, shape):
+def _z_tables(model: LoadedModel, shape):
+    """(channel of each ẑ element, its frequency table) for chunked coding."""
     channels, height, width = shape
-    channel = np.repeat(np.arange(channels), height * width)
-    return entropy.Model(probabilities=model.z_table[channel].astype(np.float64))
+    return np.repeat(np.arange(channels), height * width), model.z_table.astype(np.float64)
 
 
 def _encode_hyper(model: LoadedModel, z_hat: np.ndarray) -> bytes:
     values = z_hat.reshape(-1).astype(np.int64)
-    symbols = np.clip(values, -Z_RANGE, Z_RANGE)
+    channel, table = _z_tables(model, z_hat.shape)
+    encoder = entropy.Encoder()
+    for start in range(0, len(values), CHUNK):
+        part = slice(start, start + CHUNK)
+        encoder.categorical(np.clip(values[part], -Z_RANGE, Z_RANGE) + Z_RANGE, table[channel[part]])
     escaped = np.abs(values) >= Z_RANGE
-    parts = [(_z_models(model, z_hat.shape), symbols + Z_RANGE)]
-    parts += entropy.encode_uniform(np.abs(values[escaped]) - Z_RANGE, ESCAPE_BITS)
-    return entropy.encode(parts)
+    _encode_excess(encoder, np.abs(values[escaped]) - Z_RANGE)
+    return encoder.finish()
 
 
 def _decode_hyper(model: LoadedModel, data: bytes | None, shape) -> np.ndarray:
     """ẑ from its (complete) section; without one, every symbol takes its table's mode."""
-    channels, height, width = shape
-    mode = (np.argmax(model.z_table, axis=1) - Z_RANGE).repeat(height * width)
+    channel, table = _z_tables(model, shape)
     if data is None:
-        return mode.reshape(shape)
-    z_model = _z_models(model, shape)
-    (symbols,) = entropy.decode(data, [z_model])
-    values = symbols - Z_RANGE
+        return (np.argmax(model.z_table, axis=1) - Z_RANGE)[channel].reshape(shape)
+    decoder = entropy.Decoder(data)
+    values = np.concatenate([decoder.categorical(table[channel[start:start + CHUNK]])
+                             for start in range(0, len(channel), CHUNK)]) - Z_RANGE
     escaped = np.nonzero(np.abs(values) >= Z_RANGE)[0]
-    if len(escaped):
-        excess_models = [p[0] for p in entropy.encode_uniform(np.zeros(len(escaped)), ESCAPE_BITS)]
-        _, high, low = entropy.decode(data, [z_model] + excess_models)
-        values[escaped] = np.sign(values[escaped]) * (Z_RANGE + ((high << ESCAPE_BITS) | low))
+    excess = _decode_excess(decoder, len(escaped))
+    values[escaped] = np.sign(values[escaped]) * (Z_RANGE + excess)
     return values.reshape(shape)
 
 
+def _encode_excess(encoder: entropy.Encoder, excess: np.ndarray):
+    """Escaped values' excess as two uniform 16-bit halves, after a section's symbols."""
+    excess = np.minimum(excess, (1 << 2 * ESCAPE_BITS) - 1)
+    encoder.uniform(excess >> ESCAPE_BITS, 1 << ESCAPE_BITS)
+    encoder.uniform(excess & ((1 << ESCAPE_BITS) - 1), 1 << ESCAPE_BITS)
+
+
+def _decode_excess(decoder: entropy.Decoder, count: int) -> np.ndarray:
+    high = decoder.uniform(count, 1 << ESCAPE_BITS)
+    low = decoder.uniform(count, 1 << ESCAPE_BITS)
+    if len(low) < count:
+        return None
+    return (high << ESCAPE_BITS) | low
+
+
 # -- layer sections ------------------------------------------------------------------------
+#
+# Both sides plan a layer identically from the state: which elements it codes and in what
+# order. Probability tables are then built chunk by chunk in that order, used to code the
+# chunk, and the chunk's intervals updated before the next chunk, so memory stays bounded.
 
-@dataclass
-class LayerPlan:
-    """The elements a layer codes, in coding order, with their probability models."""
-
-    elements: np.ndarray
-    bounds: np.ndarray | None  # refinement layers: sub-interval boundaries per element
-    counts: np.ndarray | None
-    model: entropy.Model
+def _first_layer_order(model: LoadedModel, state: LatentState) -> np.ndarray:
+    keys = _first_layer_priority_table(model)[state.scale_index, state.channel]
+    return quant.coding_order(keys)
 
 
-def _plan_layer(model: LoadedModel, state: LatentState, layer: int) -> LayerPlan:
-    """Both sides call this with the same state and get the same plan."""
-    if layer == 0:
-        keys = _first_layer_priority_table(model)[state.scale_index, state.channel]
-        order = quant.coding_order(keys)
-        stds = state.sigma_units[order] / model.int_steps[0][state.channel[order]]
-        return LayerPlan(order, None, None,
-                         entropy.Model(gaussian_range=FIRST_LAYER_RANGE, stds=stds))
+def _refinement_tables(model: LoadedModel, state: LatentState, layer: int, elements: np.ndarray):
+    """Sub-interval bounds, counts and probabilities of the given elements at this layer."""
+    step = model.int_steps[layer][state.channel[elements]]
+    lower, upper = state.lower[elements], state.upper[elements]
+    counts, stretched = quant.split_counts(lower, upper, step)
+    width = int(counts.max()) if len(counts) else 1
+    bounds = quant.split_bounds(lower, upper, step, counts, stretched, width)
+    probabilities = quant.interval_probabilities(bounds, state.sigma_units(model, elements))
+    return bounds, counts, probabilities
+
+
+def _refinement_order(model: LoadedModel, state: LatentState, layer: int) -> np.ndarray:
+    """Elements this layer splits, highest expected distortion drop per bit first."""
     step = model.int_steps[layer][state.channel]
-    counts, stretched = quant.split_counts(state.lower, state.upper, step)
+    counts, _ = quant.split_counts(state.lower, state.upper, step)
     candidates = np.nonzero(state.coded & (counts > 1))[0]
-    width = int(counts[candidates].max()) if len(candidates) else 1
-    bounds = quant.split_bounds(state.lower[candidates], state.upper[candidates],
-                                step[candidates], counts[candidates], stretched[candidates], width)
-    probabilities = quant.interval_probabilities(bounds, state.sigma_units[candidates])
-    keys = quant.refinement_priority(bounds, probabilities, model.unit[state.channel[candidates]])
-    order = quant.coding_order(keys)
-    return LayerPlan(candidates[order], bounds[order], counts[candidates][order],
-                     entropy.Model(probabilities=probabilities[order]))
-
-
-def _apply_first_layer(model, state, elements, q):
-    step = model.int_steps[0][state.channel[elements]]
-    lower, upper = quant.first_layer_interval(q, step)
-    state.lower[elements], state.upper[elements] = lower, upper
-    state.coded[elements] = True
-
-
-def _apply_refinement(state, plan, symbols):
-    decoded = len(symbols)
-    rows = np.arange(decoded)
-    elements = plan.elements[:decoded]
-    state.lower[elements] = plan.bounds[rows, symbols]
-    state.upper[elements] = plan.bounds[rows, symbols + 1]
+    keys = np.empty(len(candidates), np.int64)
+    for start in range(0, len(candidates), CHUNK):
+        elements = candidates[start:start + CHUNK]
+        bounds, _, probabilities = _refinement_tables(model, state, layer, elements)
+        keys[start:start + CHUNK] = quant.refinement_priority(
+            bounds, probabilities, model.unit[state.channel[elements]])
+    return candidates[quant.coding_order(keys)]
 
 
 def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: np.ndarray) -> bytes:
-    plan = _plan_layer(model, state, layer)
-    values = y_units[plan.elements]
+    encoder = entropy.Encoder()
     if layer == 0:
-        q = quant.first_layer_index(values, model.int_steps[0][state.channel[plan.elements]])
-        symbols = np.clip(q, -FIRST_LAYER_RANGE, FIRST_LAYER_RANGE)
-        escaped = np.abs(q) >= FIRST_LAYER_RANGE
-        excess = np.minimum(np.abs(q[escaped]) - FIRST_LAYER_RANGE, (1 << 2 * ESCAPE_BITS) - 1)
-        q[escaped] = np.sign(q[escaped]) * (FIRST_LAYER_RANGE + excess)
-        _apply_first_layer(model, state, plan.elements, q)
-        parts = [(plan.model, symbols)] + entropy.encode_uniform(excess, ESCAPE_BITS)
-    else:
-        symbols = quant.sub_interval_index(plan.bounds, plan.counts, values)
-        _apply_refinement(state, plan, symbols)
-        parts = [(plan.model, symbols)]
-    return entropy.encode(parts)
+        order = _first_layer_order(model, state)
+        escapes = []
+        for start in range(0, len(order), CHUNK):
+            elements = order[start:start + CHUNK]
+            step = model.int_steps[0][state.channel[elements]]
+            q = quant.first_layer_index(y_units[elements], step)
+            encoder.gaussian(np.clip(q, -FIRST_LAYER_RANGE, FIRST_LAYER_RANGE),
+                             state.sigma_units(model, elements) / step, FIRST_LAYER_RANGE)
+            escaped = np.abs(q) >= FIRST_LAYER_RANGE
+            excess = np.minimum(np.abs(q[escaped]) - FIRST_LAYER_RANGE, (1 << 2 * ESCAPE_BITS) - 1)
+            q[escaped] = np.sign(q[escaped]) * (FIRST_LAYER_RANGE + excess)
+            escapes.append(excess)
+            _apply_first_layer(model, state, elements, q)
+        _encode_excess(encoder, np.concatenate(escapes))
+        return encoder.finish()
+    order = _refinement_order(model, state, layer)
+    for start in range(0, len(order), CHUNK):
+        elements = order[start:start + CHUNK]
+        bounds, counts, probabilities = _refinement_tables(model, state, layer, elements)
+        symbols = quant.sub_interval_index(bounds, counts, y_units[elements])
+        encoder.categorical(symbols, probabilities)
+        _apply_refinement(state, elements, bounds, symbols)
+    return encoder.finish()
 
 
 def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: bytes,
                   complete: bool):
-    plan = _plan_layer(model, state, layer)
+    decoder = entropy.Decoder(data, complete)
     if layer == 0:
-        (symbols,) = entropy.decode(data, [plan.model], complete)
+        order = _first_layer_order(model, state)
+        symbols = []
+        for start in range(0, len(order), CHUNK):
+            elements = order[start:start + CHUNK]
+            stds = state.sigma_units(model, elements) / model.int_steps[0][state.channel[elements]]
+            symbols.append(decoder.gaussian(stds, FIRST_LAYER_RANGE))
+        symbols = np.concatenate(symbols)
         escaped = np.nonzero(np.abs(symbols) >= FIRST_LAYER_RANGE)[0]
-        if len(escaped):
-            excess_models = [p[0] for p in entropy.encode_uniform(np.zeros(len(escaped)), ESCAPE_BITS)]
-            decoded = entropy.decode(data, [plan.model] + excess_models, complete)
-            if len(symbols) == len(plan.elements) and all(
-                    len(d) == len(escaped) for d in decoded[1:]):
-                excess = (decoded[1] << ESCAPE_BITS) | decoded[2]
-                symbols[escaped] = np.sign(symbols[escaped]) * (FIRST_LAYER_RANGE + excess)
-            else:  # the prefix ends before the escapes' excess: those stay uncoded
-                symbols = symbols[: escaped[0]]
-        _apply_first_layer(model, state, plan.elements[: len(symbols)], symbols)
-    else:
-        (symbols,) = entropy.decode(data, [plan.model], complete)
-        if complete and len(symbols) and (symbols.min() < 0 or np.any(
-                symbols >= plan.counts[: len(symbols)])):
+        excess = _decode_excess(decoder, len(escaped)) if len(symbols) == len(order) else None
+        if excess is not None:
+            symbols[escaped] = np.sign(symbols[escaped]) * (FIRST_LAYER_RANGE + excess)
+        elif len(escaped):  # the prefix ends before the escapes' excess: those stay uncoded
+            symbols = symbols[: escaped[0]]
+        _apply_first_layer(model, state, order[: len(symbols)], symbols)
+        return
+    order = _refinement_order(model, state, layer)
+    for start in range(0, len(order), CHUNK):
+        elements = order[start:start + CHUNK]
+        bounds, counts, probabilities = _refinement_tables(model, state, layer, elements)
+        symbols = decoder.categorical(probabilities)
+        if complete and (symbols >= counts).any():
             raise StreamError(f"corrupt stream: impossible symbol in layer {layer + 1}")
-        symbols = np.minimum(symbols, plan.counts[: len(symbols)] - 1)
-        _apply_refinement(state, plan, symbols)
+        symbols = np.minimum(symbols, counts[: len(symbols)] - 1)
+        _apply_refinement(state, elements[: len(symbols)], bounds, symbols)
+        if len(symbols) < len(elements):
+            break
+
+
+def _apply_first_layer(model, state, elements, q):
+    lower, upper = quant.first_layer_interval(q, model.int_steps[0][state.channel[elements]])
+    state.lower[elements], state.upper[elements] = lower, upper
+    state.coded[elements] = True
+
+
+def _apply_refinement(state, elements, bounds, symbols):
+    rows = np.arange(len(symbols))
+    state.lower[elements] = bounds[rows, symbols]
+    state.upper[elements] = bounds[rows, symbols + 1]
 
 
 # -- public API ----------------------------------------------------------------------------
+
+def tiled(transform, source, factor: int, tile: int = TILE_LATENTS, margin: int = TILE_MARGIN):
+    """Run a convolutional transform over a (1, C, H, W) tensor in overlapping tiles.
+
+    Tiles are `tile` latents square (a latent is 16 pixels) with `margin` latents of context on
+    each side, more than the transforms' receptive field, so each tile's centre equals the
+    untiled result; memory stays bounded for any image size. `factor` is the transform's scale
+    in latents per source unit: 1/16 for the analysis (pixels → latents), 16 for the synthesis.
+    The layout depends only on the size, so decoding stays deterministic.
+    """
+    torch = _torch()
+    per_latent = 16 if factor < 1 else 1  # source units per latent
+    height, width = source.shape[2] // per_latent, source.shape[3] // per_latent
+    if height <= tile + 2 * margin and width <= tile + 2 * margin:
+        return transform(source)
+    out_per_latent = 16 if factor > 1 else 1
+    output = None
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            t0, l0 = max(0, top - margin), max(0, left - margin)
+            t1, l1 = min(height, top + tile + margin), min(width, left + tile + margin)
+            piece = transform(source[:, :, t0 * per_latent:t1 * per_latent,
+                                     l0 * per_latent:l1 * per_latent])
+            if output is None:
+                output = piece.new_empty((1, piece.shape[1], height * out_per_latent,
+                                          width * out_per_latent))
+            bottom, right = min(height, top + tile), min(width, left + tile)
+            output[:, :, top * out_per_latent:bottom * out_per_latent,
+                   left * out_per_latent:right * out_per_latent] = piece[
+                :, :, (top - t0) * out_per_latent:(bottom - t0) * out_per_latent,
+                (left - l0) * out_per_latent:(right - l0) * out_per_latent]
+    return output
+
 
 def analyse(model: LoadedModel, image: np.ndarray):
     """Analysis transforms: y and the rounded hyper-latent ẑ of an (H, W, 3) uint8 image."""
     torch = _torch()
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        y = model.network.g_a(x)
+        y = tiled(model.network.g_a, x, 1 / 16)
         z = model.network.h_a(y)
     return y[0].double().numpy(), np.round(z[0].numpy()).astype(np.int64)
 
@@ -225,6 +295,7 @@ def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None) -> 
     sections = [_encode_hyper(model, z_hat)]
     state = _new_state(model, z_hat)
     y_units = (y - state.mu).reshape(-1) / model.unit[state.channel]
+    del y
     for layer in range(layers or model.layers):
         sections.append(_encode_layer(model, state, layer, y_units))
     return container.pack(width, height, model.model_id,
@@ -266,13 +337,17 @@ def decode_latents(model: LoadedModel, header: container.Header, payloads, parti
 def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
                conditional_mean: bool = True) -> np.ndarray:
     torch = _torch()
-    y_star = quant.reconstruct(state.lower, state.upper, state.sigma_units, state.coded,
-                               conditional_mean) * model.unit[state.channel]
+    y_hat = state.mu.reshape(-1).copy()
+    for start in range(0, len(y_hat), CHUNK * 4):
+        part = slice(start, start + CHUNK * 4)
+        y_star = quant.reconstruct(state.lower[part], state.upper[part],
+                                   state.sigma_units(model, part), state.coded[part],
+                                   conditional_mean) * model.unit[state.channel[part]]
+        y_hat[part] += y_star.astype(np.float32)
     # A damaged stream with valid CRCs can decode absurd values; keep them finite.
-    y_hat = np.nan_to_num(state.mu + y_star.reshape(state.mu.shape),
-                          posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
+    y_hat = np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
     with torch.no_grad():
-        x = model.network.g_s(torch.from_numpy(y_hat.astype(np.float32))[None])
+        x = tiled(model.network.g_s, torch.from_numpy(y_hat.reshape(state.mu.shape))[None], 16)
     pixels = torch.clamp(x[0] * 255 + 0.5, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return np.ascontiguousarray(pixels[:height, :width])
 

@@ -4,7 +4,10 @@ Streams are constriction's 32-bit words written big-endian, so that a byte prefi
 holds the most significant bits first. A prefix is decoded by running two decoders, one on the
 prefix padded with zero bits and one padded with one bits: a range decoder's symbols are a
 monotone function of the code value, so every symbol on which the two agree is the symbol any
-continuation of the prefix would give (see decode_prefix).
+continuation of the prefix would give.
+
+Encoder and Decoder take symbols in chunks (whole numpy arrays per call), so callers can build
+probability tables for one chunk at a time and keep memory bounded.
 """
 
 from __future__ import annotations
@@ -23,137 +26,129 @@ def _constriction():
     return constriction
 
 
-def _to_bytes(words: np.ndarray) -> bytes:
-    return words.astype(">u4").tobytes()
+def _family(kind: str, parameter):
+    model = _constriction().stream.model
+    if kind == "categorical":
+        return model.Categorical(perfect=False)
+    if kind == "gaussian":
+        return model.QuantizedGaussian(-parameter, parameter)
+    return model.Uniform(parameter)
 
 
-def _to_words(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=">u4").astype(np.uint32)
+def _params(kind: str, table, start: int, stop: int):
+    if kind == "categorical":
+        return (table[start:stop],)
+    if kind == "gaussian":
+        stds = table[start:stop]
+        return np.zeros_like(stds), stds
+    return ()
 
 
-class Model:
-    """A family of per-symbol distributions: categorical tables or quantized Gaussians."""
+class Encoder:
+    """Appends symbols to one range-coded stream."""
 
-    def __init__(self, probabilities: np.ndarray | None = None, gaussian_range: int | None = None,
-                 stds: np.ndarray | None = None):
-        self.probabilities = probabilities
-        self.gaussian_range = gaussian_range
-        self.stds = stds
+    def __init__(self):
+        self._encoder = _constriction().stream.queue.RangeEncoder()
 
-    def __len__(self) -> int:
-        return len(self.probabilities) if self.probabilities is not None else len(self.stds)
+    def categorical(self, symbols: np.ndarray, probabilities: np.ndarray):
+        """Symbol i in 0..n-1 with probabilities[i] (rows need not be normalised)."""
+        self._encode("categorical", None, symbols, probabilities)
 
-    def _family_and_params(self, start: int, stop: int):
-        model = _constriction().stream.model
-        if self.probabilities is not None:
-            return model.Categorical(perfect=False), (self.probabilities[start:stop],)
-        r = self.gaussian_range
-        stds = self.stds[start:stop]
-        return model.QuantizedGaussian(-r, r), (np.zeros_like(stds), stds)
+    def gaussian(self, symbols: np.ndarray, stds: np.ndarray, limit: int):
+        """Integers in -limit..limit under N(0, std) quantized to unit bins."""
+        self._encode("gaussian", limit, symbols, stds)
 
-    def encode(self, encoder, symbols: np.ndarray):
-        family, params = self._family_and_params(0, len(self))
-        encoder.encode(symbols.astype(np.int32), family, *params)
+    def uniform(self, symbols: np.ndarray, size: int):
+        self._encode("uniform", size, symbols, None)
 
-    def decode(self, decoder, start: int, stop: int) -> np.ndarray:
-        family, params = self._family_and_params(start, stop)
-        return np.asarray(decoder.decode(family, *params), dtype=np.int64)
-
-
-def encode(parts) -> bytes:
-    """One range-coded stream of several (model, symbols) parts, in order."""
-    encoder = _constriction().stream.queue.RangeEncoder()
-    for model, symbols in parts:
+    def _encode(self, kind, parameter, symbols, table):
         if len(symbols):
-            model.encode(encoder, symbols)
-    return _to_bytes(encoder.get_compressed())
+            self._encoder.encode(np.asarray(symbols, np.int32), _family(kind, parameter),
+                                 *_params(kind, table, 0, len(symbols)))
+
+    def finish(self) -> bytes:
+        return self._encoder.get_compressed().astype(">u4").tobytes()
 
 
-def encode_uniform(values: np.ndarray, bits: int = 16) -> list:
-    """Parts coding non-negative integers < 2**(2*bits) as two uniform halves."""
-    values = values.astype(np.int64)
-    high, low = values >> bits, values & ((1 << bits) - 1)
-    return [(_UniformModel(1 << bits, len(values)), high), (_UniformModel(1 << bits, len(values)), low)]
+class Decoder:
+    """Reads symbols back from a stream, or from a prefix of one (complete=False).
 
-
-class _UniformModel(Model):
-    def __init__(self, size: int, count: int):
-        super().__init__()
-        self.size, self.count = size, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def _family_and_params(self, start, stop):
-        return _constriction().stream.model.Uniform(self.size), ()
-
-    def decode(self, decoder, start: int, stop: int) -> np.ndarray:
-        model = _constriction().stream.model.Uniform(self.size)
-        return np.asarray(decoder.decode(model, stop - start), dtype=np.int64).reshape(-1)
-
-
-def decode(data: bytes, models, complete: bool = True) -> list[np.ndarray]:
-    """Decode the symbols of each model in turn.
-
-    complete: the stream is whole; every symbol is decoded (a corrupt stream may give wrong
-    symbols, which the container's CRC guards against). Otherwise `data` is a prefix and
-    each returned array holds only the leading symbols the prefix determines; once one
-    model's symbols stop short, the later models get empty arrays.
+    On a prefix, each call returns the leading symbols the prefix determines; once a call
+    returns fewer than asked, `exhausted` is set and every later call returns nothing.
+    A complete stream that cannot have been produced by the same calls raises StreamError.
     """
-    constriction = _constriction()
-    if not complete:
-        return decode_prefix(data, models)
-    usable = len(data) - len(data) % 4
-    decoder = constriction.stream.queue.RangeDecoder(_to_words(data[:usable]))
-    try:
-        return [model.decode(decoder, 0, len(model)) if len(model) else np.zeros(0, np.int64)
-                for model in models]
-    except (AssertionError, ValueError, RuntimeError) as error:
-        # constriction reports data that no encoder could have produced this way.
-        raise StreamError(f"corrupt stream: entropy decoding failed ({error})") from None
 
+    def __init__(self, data: bytes, complete: bool = True):
+        queue = _constriction().stream.queue
+        self.complete = complete
+        self.exhausted = False
+        if complete:
+            usable = len(data) - len(data) % 4
+            self._decoders = [queue.RangeDecoder(_words(data[:usable]))]
+        else:
+            tail = (-len(data)) % 4 + 4 * _PAD_WORDS
+            self._decoders = [queue.RangeDecoder(_words(data + fill * tail))
+                              for fill in (b"\x00", b"\xff")]
 
-def decode_prefix(data: bytes, models) -> list[np.ndarray]:
-    constriction = _constriction()
-    tail = (-len(data)) % 4
-    low = data + b"\x00" * (tail + 4 * _PAD_WORDS)
-    high = data + b"\xff" * (tail + 4 * _PAD_WORDS)
-    decoders = [constriction.stream.queue.RangeDecoder(_to_words(buf)) for buf in (low, high)]
-    results, stopped = [], False
-    for model in models:
-        decoded = []
-        position = 0
-        while not stopped and position < len(model):
-            stop = min(len(model), position + _PREFIX_BATCH)
-            saved = [decoder.clone() for decoder in decoders]
+    def categorical(self, probabilities: np.ndarray) -> np.ndarray:
+        return self._decode("categorical", None, probabilities, len(probabilities))
+
+    def gaussian(self, stds: np.ndarray, limit: int) -> np.ndarray:
+        return self._decode("gaussian", limit, stds, len(stds))
+
+    def uniform(self, count: int, size: int) -> np.ndarray:
+        return self._decode("uniform", size, None, count)
+
+    def _decode(self, kind, parameter, table, count) -> np.ndarray:
+        if count == 0 or self.exhausted:
+            return np.zeros(0, np.int64)
+        if self.complete:
             try:
-                a = model.decode(decoders[0], position, stop)
-                b = model.decode(decoders[1], position, stop)
-            except Exception:
-                # constriction raises on some impossible padded tails: redo this batch one
-                # symbol at a time to keep the symbols before the failure.
-                decoders = saved
-                a, b = _decode_until_failure(model, decoders, position, stop)
-            differ = np.nonzero(a != b)[0]
-            if len(differ) or len(a) < stop - position:
-                decoded.append(a[: differ[0]] if len(differ) else a)
-                stopped = True
+                return self._decode_with(self._decoders[0], kind, parameter, table, 0, count)
+            except (AssertionError, ValueError, RuntimeError) as error:
+                # constriction reports data that no encoder could have produced this way.
+                raise StreamError(f"corrupt stream: entropy decoding failed ({error})") from None
+        decoded, position = [], 0
+        while position < count:
+            stop = min(count, position + _PREFIX_BATCH)
+            low, high = self._decode_pair(kind, parameter, table, position, stop)
+            differ = np.nonzero(low != high)[0]
+            agreed = low[: differ[0]] if len(differ) else low
+            decoded.append(agreed)
+            if len(agreed) < stop - position:
+                self.exhausted = True
                 break
-            decoded.append(a)
             position = stop
-        results.append(np.concatenate(decoded) if decoded else np.zeros(0, np.int64))
-        if len(results[-1]) < len(model):
-            stopped = True
-    return results
+        return np.concatenate(decoded) if decoded else np.zeros(0, np.int64)
 
-
-def _decode_until_failure(model, decoders, start, stop):
-    symbols = ([], [])
-    for position in range(start, stop):
+    def _decode_pair(self, kind, parameter, table, start, stop):
+        saved = [decoder.clone() for decoder in self._decoders]
         try:
-            pair = [model.decode(decoder, position, position + 1)[0] for decoder in decoders]
+            return tuple(self._decode_with(d, kind, parameter, table, start, stop)
+                         for d in self._decoders)
         except Exception:
-            break
-        symbols[0].append(pair[0])
-        symbols[1].append(pair[1])
-    return np.array(symbols[0], np.int64), np.array(symbols[1], np.int64)
+            # constriction raises on some impossible padded tails: redo this batch one symbol
+            # at a time to keep the symbols before the failure.
+            self._decoders = saved
+            pairs = []
+            for position in range(start, stop):
+                try:
+                    pairs.append([self._decode_with(d, kind, parameter, table, position,
+                                                    position + 1)[0] for d in self._decoders])
+                except Exception:
+                    break
+            pairs = np.array(pairs, np.int64).reshape(-1, 2)
+            return pairs[:, 0], pairs[:, 1]
+
+    @staticmethod
+    def _decode_with(decoder, kind, parameter, table, start, stop) -> np.ndarray:
+        family = _family(kind, parameter)
+        if kind == "uniform":
+            symbols = decoder.decode(family, stop - start)
+        else:
+            symbols = decoder.decode(family, *_params(kind, table, start, stop))
+        return np.asarray(symbols, dtype=np.int64).reshape(-1)
+
+
+def _words(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=">u4").astype(np.uint32)

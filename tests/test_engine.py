@@ -67,3 +67,19 @@ def test_stream_for_other_weights_is_refused(model, sample_stream):
                              *container.split_sections(bytes(data), header, length))
     with pytest.raises(StreamError, match="different weights"):
         engine.decode(model, other)
+
+
+def test_tiled_transforms_match_untiled(model):
+    import torch
+
+    from pcodec.engine import tiled
+
+    image = synthetic_image(200, 264, seed=9)
+    x = torch.from_numpy(engine.pad_image(image)).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        whole = model.network.g_a(x)
+        pieces = tiled(model.network.g_a, x, 1 / 16, tile=5, margin=4)
+        assert torch.allclose(whole, pieces, atol=1e-4)
+        y = whole[:, :, :, :]
+        assert torch.allclose(model.network.g_s(y), tiled(model.network.g_s, y, 16, tile=6, margin=4),
+                              atol=1e-4)

@@ -1,33 +1,40 @@
 import numpy as np
-
 from pcodec import entropy
 
 
-def sample_parts(seed=0, count=3000):
+def sample(seed=0, count=3000):
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.ones(6) * 0.4, size=count)
     symbols = np.array([rng.choice(6, p=p) for p in probabilities])
     stds = rng.uniform(0.05, 20, count)
     gaussian = np.clip(np.round(rng.normal(0, stds)), -100, 100).astype(np.int64)
-    return [(entropy.Model(probabilities=probabilities), symbols),
-            (entropy.Model(gaussian_range=100, stds=stds), gaussian)]
+    encoder = entropy.Encoder()
+    encoder.categorical(symbols, probabilities)
+    encoder.gaussian(gaussian, stds, 100)
+    encoder.uniform(np.arange(10), 1 << 16)
+    return encoder.finish(), (probabilities, symbols, stds, gaussian)
+
+
+def decode_all(data, tables, complete=True):
+    probabilities, _, stds, _ = tables
+    decoder = entropy.Decoder(data, complete)
+    return [decoder.categorical(probabilities), decoder.gaussian(stds, 100),
+            decoder.uniform(10, 1 << 16)]
 
 
 def test_round_trip():
-    parts = sample_parts()
-    data = entropy.encode(parts)
-    decoded = entropy.decode(data, [m for m, _ in parts])
-    for (_, symbols), got in zip(parts, decoded):
-        assert (got == symbols).all()
+    data, tables = sample()
+    first, second, third = decode_all(data, tables)
+    assert (first == tables[1]).all() and (second == tables[3]).all()
+    assert (third == np.arange(10)).all()
 
 
 def test_every_prefix_decodes_a_correct_and_growing_prefix_of_symbols():
-    parts = sample_parts(1, 800)
-    truth = np.concatenate([s for _, s in parts])
-    data = entropy.encode(parts)
+    data, tables = sample(1, 800)
+    truth = np.concatenate([tables[1], tables[3], np.arange(10)])
     previous = 0
     for end in range(0, len(data) + 1):
-        decoded = np.concatenate(entropy.decode(data[:end], [m for m, _ in parts], complete=False))
+        decoded = np.concatenate(decode_all(data[:end], tables, complete=False))
         assert (decoded == truth[: len(decoded)]).all()
         assert len(decoded) >= previous
         previous = len(decoded)
@@ -36,13 +43,13 @@ def test_every_prefix_decodes_a_correct_and_growing_prefix_of_symbols():
 
 def test_prefix_decoding_is_close_to_ideal():
     """Symbols whose information is complete within the prefix are nearly all recovered."""
-    parts = sample_parts(2, 4000)
-    model = parts[0][0]
-    symbols = parts[0][1]
-    data = entropy.encode(parts[:1])
-    bits = -np.log2(model.probabilities[np.arange(len(symbols)), symbols])
-    ideal_end = np.cumsum(bits) / 8
+    rng = np.random.default_rng(2)
+    probabilities = rng.dirichlet(np.ones(6) * 0.4, size=4000)
+    symbols = np.array([rng.choice(6, p=p) for p in probabilities])
+    encoder = entropy.Encoder()
+    encoder.categorical(symbols, probabilities)
+    data = encoder.finish()
+    ideal_end = np.cumsum(-np.log2(probabilities[np.arange(len(symbols)), symbols])) / 8
     for end in (len(data) // 4, len(data) // 2, 3 * len(data) // 4):
-        (decoded,) = entropy.decode(data[:end], [model], complete=False)
-        ideal = int((ideal_end <= end).sum())
-        assert len(decoded) >= 0.97 * ideal - 20
+        decoded = entropy.Decoder(data[:end], complete=False).categorical(probabilities)
+        assert len(decoded) >= 0.97 * int((ideal_end <= end).sum()) - 20
