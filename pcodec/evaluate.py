@@ -22,30 +22,38 @@ def image_files(folder: Path, limit: int | None = None) -> list[Path]:
 
 
 def layer_points(model, image: np.ndarray, data: bytes | None = None,
-                 conditional_mean: bool = True):
-    """(bytes, PSNR) after the hyper-latent and after every layer, one entropy decode for all."""
+                 with_midpoint: bool = False):
+    """(bytes, PSNR[, PSNR of midpoint reconstruction]) after the hyper-latent and after
+    every layer, one entropy decode for all."""
     data = data or engine.encode(model, image)
     header, payloads, partial = engine.read_stream(model, data)
     points = []
     for layers, state in engine.decode_latents(model, header, payloads, partial):
         size = len(container.repack(header, payloads[:layers + 1], partial[:layers + 1]))
-        pixels = engine.synthesize(model, state, header.height, header.width, conditional_mean)
-        points.append((size, psnr(pixels, image)))
+        pixels = engine.synthesize(model, state, header.height, header.width)
+        point = (size, psnr(pixels, image))
+        if with_midpoint:
+            midpoint = engine.synthesize(model, state, header.height, header.width, False)
+            point += (psnr(midpoint, image),)
+        points.append(point)
     return points
 
 
 def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
-                     conditional_mean: bool = True) -> dict:
+                     with_midpoint: bool = False) -> dict:
     """Mean bpp and PSNR per layer (layers 1..L) over the images of a folder."""
     from .models import load_weights_file
 
     model = load_weights_file(weights_path)
-    bpp, quality = [], []
+    rows = []
     for path in image_files(folder, limit):
         image = read_image(str(path), 1 << 30)
         pixels = image.shape[0] * image.shape[1]
-        points = layer_points(model, image, conditional_mean=conditional_mean)[1:]
-        bpp.append([8 * size / pixels for size, _ in points])
-        quality.append([p for _, p in points])
-    return {"images": len(bpp), "bpp": [round(float(v), 4) for v in np.mean(bpp, axis=0)],
-            "psnr": [round(float(v), 3) for v in np.mean(quality, axis=0)]}
+        points = layer_points(model, image, with_midpoint=with_midpoint)[1:]
+        rows.append([(8 * p[0] / pixels,) + p[1:] for p in points])
+    mean = np.mean(rows, axis=0)  # (layers, fields)
+    result = {"images": len(rows), "bpp": [round(float(v), 4) for v in mean[:, 0]],
+              "psnr": [round(float(v), 3) for v in mean[:, 1]]}
+    if with_midpoint:
+        result["psnr_midpoint_reconstruction"] = [round(float(v), 3) for v in mean[:, 2]]
+    return result

@@ -286,12 +286,14 @@ def main(argv=None):
                         help="override a config field, e.g. --set lr=1e-4")
     parser.add_argument("--export", metavar="MODEL_ID", default=None,
                         help="export the run's checkpoint to models/MODEL_ID.pt (no training)")
+    parser.add_argument("--note", default=None, help="free text for the manifest (with --export)")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
     run_dir = args.run_dir or Path.home() / ".cache" / "pcodec" / "runs" / config.name
     if args.export:
-        entry = export_model(run_dir, args.export, args.kodak,
-                             "pcodec train " + " ".join(argv if argv is not None else sys.argv[1:]))
+        entry = export_model(run_dir, args.export, args.kodak, "pcodec train --config "
+                             f"{config.name} --data {args.data} --kodak {args.kodak}",
+                             note=args.note)
         print(json.dumps(entry.get("kodak", {})), file=sys.stderr)
         return
     for item in args.set:
@@ -303,7 +305,7 @@ def main(argv=None):
 
 
 def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
-                 models_folder: Path | None = None):
+                 models_folder: Path | None = None, note: str | None = None):
     """Weights without optimizer state → models/ID.pt, Kodak figures from real streams, the
     manifest entry and the learning-curve plot."""
     import datetime
@@ -339,34 +341,34 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
             "command": command,
         },
     }
+    if note:
+        entry["training"]["note"] = note
     if kodak is not None:
-        result = evaluate_weights(weights_path, kodak)
-        midpoint = evaluate_weights(weights_path, kodak, conditional_mean=False)
-        entry["kodak"] = {**result, "psnr_midpoint_reconstruction": midpoint["psnr"],
+        entry["kodak"] = {**evaluate_weights(weights_path, kodak, with_midpoint=True),
                           "measured": datetime.date.today().isoformat(),
                           "how": "real .pcb files, every layer, RGB PSNR, bpp of whole files"}
+    evals_path = run_dir / "eval.log"
+    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] \
+        if evals_path.exists() else []
+    entry["training"]["kodak_evaluations"] = evals
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
     manifest["models"][model_id] = entry
     manifest["default"] = model_id
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    plot_learning_curve(run_dir, folder / f"{model_id}-learning-curve.png")
+    plot_learning_curve(history, evals, folder / f"{model_id}-learning-curve.png")
     return entry
 
 
-def plot_learning_curve(run_dir: Path, path: Path):
-    """Training loss and Kodak PSNR per layer against CPU hours."""
+def plot_learning_curve(history: list[dict], evals: list[dict], path: Path):
+    """Training loss and Kodak PSNR per layer (real streams) against CPU hours."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "train.log").read_text().splitlines()]
-    evals_path = run_dir / "eval.log"
-    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] \
-        if evals_path.exists() else []
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([r["hours"] for r in records], [r["loss"] for r in records], lw=0.8)
+    left.plot([r["hours"] for r in history], [r["loss"] for r in history], lw=0.8)
     left.set_xlabel("CPU hours (2 cores)")
     left.set_ylabel("training loss (mean λ·255²·MSE + bpp)")
     left.set_yscale("log")
@@ -374,15 +376,15 @@ def plot_learning_curve(run_dir: Path, path: Path):
     if evals:
         hours = [e["hours"] for e in evals]
         for layer in range(len(evals[-1]["psnr"])):
-            right.plot(hours, [e["psnr"][layer] for e in evals], marker=".", label=f"layer {layer + 1}")
+            right.plot(hours, [e["psnr"][layer] for e in evals], marker=".",
+                       label=f"layer {layer + 1}")
         right.legend(fontsize=7, ncol=2)
     right.set_xlabel("CPU hours (2 cores)")
-    right.set_ylabel("Kodak PSNR (dB), real streams")
+    right.set_ylabel("Kodak PSNR (dB), real .pcb files")
     right.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
 
 if __name__ == "__main__":
     main()
