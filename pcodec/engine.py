@@ -9,6 +9,7 @@ refines the most valuable elements first at no side cost.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from .models import Z_RANGE, LoadedModel
 PAD_MULTIPLE = 64  # the transforms downsample by 64 in all (16 for y, 4 more for z)
 FIRST_LAYER_RANGE = 1024  # layer-1 symbols -R..R; ±R are escapes followed by the excess
 ESCAPE_BITS = 16  # excess of an escape coded as two uniform 16-bit halves
-TILE_LATENTS = 48  # transforms run on tiles of 48x48 latents (768x768 pixels) ...
+TILE_LATENTS = 32  # transforms run on tiles of 32x32 latents (512x512 pixels) ...
 TILE_MARGIN = 4  # ... with 4 latents (64 pixels) of context around each
 
 
@@ -71,7 +72,7 @@ def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
 def _prior(model: LoadedModel, z_hat: np.ndarray):
     """μ and the snapped scales from ẑ, in float64 on the CPU (both sides must agree)."""
     torch = _torch()
-    with torch.no_grad():
+    with torch.no_grad(), single_threaded():
         params = model.hyper_synthesis(torch.from_numpy(z_hat.astype(np.float64))[None])[0]
     scales, means = params.chunk(2, 0)
     sigma = np.maximum(np.abs(scales.numpy()), quant.SCALES[0])
@@ -246,36 +247,59 @@ def _apply_refinement(state, elements, bounds, symbols):
 
 # -- public API ----------------------------------------------------------------------------
 
-def tiled(transform, source, factor: int, tile: int = TILE_LATENTS, margin: int = TILE_MARGIN):
+@contextmanager
+def single_threaded():
+    """torch ops single-threaded inside; yields the thread count to use for parallel tiles."""
+    torch = _torch()
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield workers
+    finally:
+        torch.set_num_threads(workers)
+
+
+def tiled(transform, source, factor: float, tile: int = TILE_LATENTS, margin: int = TILE_MARGIN):
     """Run a convolutional transform over a (1, C, H, W) tensor in overlapping tiles.
 
-    Tiles are `tile` latents square (a latent is 16 pixels) with `margin` latents of context on
-    each side, more than the transforms' receptive field, so each tile's centre equals the
-    untiled result; memory stays bounded for any image size. `factor` is the transform's scale
-    in latents per source unit: 1/16 for the analysis (pixels → latents), 16 for the synthesis.
-    The layout depends only on the size, so decoding stays deterministic.
+    Tiles are `tile` latents square (a latent is 16 pixels) with `margin` latents of context
+    on each side, more than the transforms' receptive field, so each tile's centre equals the
+    untiled result and memory stays bounded for any image size. `factor` is the transform's
+    scale in latents per source unit: 1/16 for the analysis, 16 for the synthesis.
+
+    Each tile runs single-threaded and tiles run in parallel on torch's thread count: a
+    multi-threaded convolution sums in an order that depends on the thread count, which
+    would change a pixel here and there; this way the result depends only on the image size.
     """
     torch = _torch()
     per_latent = 16 if factor < 1 else 1  # source units per latent
-    height, width = source.shape[2] // per_latent, source.shape[3] // per_latent
-    if height <= tile + 2 * margin and width <= tile + 2 * margin:
-        return transform(source)
     out_per_latent = 16 if factor > 1 else 1
-    output = None
-    for top in range(0, height, tile):
-        for left in range(0, width, tile):
-            t0, l0 = max(0, top - margin), max(0, left - margin)
-            t1, l1 = min(height, top + tile + margin), min(width, left + tile + margin)
-            piece = transform(source[:, :, t0 * per_latent:t1 * per_latent,
-                                     l0 * per_latent:l1 * per_latent])
-            if output is None:
-                output = piece.new_empty((1, piece.shape[1], height * out_per_latent,
-                                          width * out_per_latent))
-            bottom, right = min(height, top + tile), min(width, left + tile)
-            output[:, :, top * out_per_latent:bottom * out_per_latent,
-                   left * out_per_latent:right * out_per_latent] = piece[
-                :, :, (top - t0) * out_per_latent:(bottom - t0) * out_per_latent,
-                (left - l0) * out_per_latent:(right - l0) * out_per_latent]
+    height, width = source.shape[2] // per_latent, source.shape[3] // per_latent
+    boxes = [(top, left, min(height, top + tile), min(width, left + tile))
+             for top in range(0, height, tile) for left in range(0, width, tile)]
+
+    def run(box):
+        top, left, bottom, right = box
+        t0, l0 = max(0, top - margin), max(0, left - margin)
+        t1, l1 = min(height, bottom + margin), min(width, right + margin)
+        piece = transform(source[:, :, t0 * per_latent:t1 * per_latent,
+                                 l0 * per_latent:l1 * per_latent])
+        return piece[:, :, (top - t0) * out_per_latent:(bottom - t0) * out_per_latent,
+                     (left - l0) * out_per_latent:(right - l0) * out_per_latent]
+
+    with single_threaded() as workers:
+        if len(boxes) == 1 or workers == 1:
+            pieces = [run(box) for box in boxes]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, len(boxes))) as pool:
+                pieces = list(pool.map(run, boxes))
+    output = pieces[0].new_empty((1, pieces[0].shape[1], height * out_per_latent,
+                                  width * out_per_latent))
+    for (top, left, bottom, right), piece in zip(boxes, pieces):
+        output[:, :, top * out_per_latent:bottom * out_per_latent,
+               left * out_per_latent:right * out_per_latent] = piece
     return output
 
 
@@ -285,7 +309,8 @@ def analyse(model: LoadedModel, image: np.ndarray):
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         y = tiled(model.network.g_a, x, 1 / 16)
-        z = model.network.h_a(y)
+        with single_threaded():  # small, and thread-count independent like the rest
+            z = model.network.h_a(y)
     return y[0].double().numpy(), np.round(z[0].numpy()).astype(np.int64)
 
 

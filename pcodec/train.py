@@ -243,6 +243,53 @@ def evaluate_and_record(model, config, state, kodak, run_dir, log):
         f"{b:.3f}/{p:.2f}" for b, p in zip(result["bpp"], result["psnr"]))), file=log, flush=True)
 
 
+THROUGHPUT_OPTIONS = [
+    {}, {"autocast": False}, {"channels_last": False}, {"batch": 16}, {"patch": 256, "batch": 2},
+    {"N": 96, "M": 128}, {"M": 320}, {"compile": True},
+]
+
+
+def measure_throughput(options=THROUGHPUT_OPTIONS, steps: int = 6, log=sys.stderr) -> list[dict]:
+    """Training steps per second for variations of the hp128 config (random data, so only
+    compute is timed): the table behind the choice of config."""
+    import torch
+
+    from .network import HyperpriorNetwork, NetworkConfig
+
+    base = CONFIGS["hp128"]
+    torch.set_num_threads(base.threads)
+    rows = []
+    for option in options:
+        config = replace(base, **{k: v for k, v in option.items() if k != "compile"})
+        torch.manual_seed(0)
+        model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M))
+        memory = torch.channels_last if config.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory)
+        forward = torch.compile(model) if option.get("compile") else model
+        optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+        lambdas = torch.tensor(config.lambdas)
+        times = []
+        for _ in range(steps + 2):
+            x = torch.rand(config.batch, 3, config.patch, config.patch).contiguous(
+                memory_format=memory)
+            layer_of = torch.randint(1, len(config.lambdas) + 1, (config.batch,))
+            start = time.perf_counter()
+            x_hat, y_lik, z_lik = forward(x, layer_of, autocast=config.autocast)
+            loss, _, _ = rd_loss(x, x_hat, y_lik, z_lik, lambdas[layer_of - 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        seconds = float(np.median(times[2:]))
+        row = {"option": option or "hp128 (bf16, channels_last, batch 8, 128²)",
+               "s_per_step": round(seconds, 3),
+               "images_per_s": round(config.batch / seconds, 1),
+               "megapixels_per_s": round(config.batch * config.patch**2 / seconds / 1e6, 3)}
+        rows.append(row)
+        print(json.dumps(row), file=log, flush=True)
+    return rows
+
+
 def export_weights(model, config: TrainConfig, state: dict, path: Path):
     """Weights without optimizer state, plus what is needed to know how they were made."""
     import torch
@@ -287,9 +334,14 @@ def main(argv=None):
     parser.add_argument("--export", metavar="MODEL_ID", default=None,
                         help="export the run's checkpoint to models/MODEL_ID.pt (no training)")
     parser.add_argument("--note", default=None, help="free text for the manifest (with --export)")
+    parser.add_argument("--measure", action="store_true",
+                        help="time training steps for the config variations and exit")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
     run_dir = args.run_dir or Path.home() / ".cache" / "pcodec" / "runs" / config.name
+    if args.measure:
+        measure_throughput()
+        return
     if args.export:
         entry = export_model(run_dir, args.export, args.kodak, "pcodec train --config "
                              f"{config.name} --data {args.data} --kodak {args.kodak}",
