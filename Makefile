@@ -7,7 +7,7 @@ KODAK  ?= ../shared/data/kodak
 TRAIN  ?= ../shared/data/train
 DEMO   := demo-output
 
-.PHONY: help install test demo bench bench-tools train fuzz lint clean
+.PHONY: help install test demo bench bench-tools bench-speed train fuzz lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ bench-tools:  ## install the peer codecs from Debian packages (needs root)
 
 bench: $(STAMP)  ## RD + speed of pcodec and the peers on Kodak -> bench-output/
 	$(BIN)/pcodec bench $(KODAK) -o bench-output
+
+bench-speed: $(STAMP)  ## stage times, images/s, start-up and 4K peak memory beside OpenJPEG
+	$(BIN)/pcodec bench --speed $(KODAK) -o bench-output
 
 train: $(STAMP)  ## train (resumes from ~/.cache/pcodec/runs/hp128) with Kodak evaluation
 	$(BIN)/pcodec train --config hp128 --data $(TRAIN) --kodak $(KODAK)

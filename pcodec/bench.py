@@ -467,3 +467,136 @@ def plot(result: dict, path: Path):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+# -- speed ---------------------------------------------------------------------------------
+
+def _timed_command(args, repeat: int = 3, **kwargs) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(args, check=True, capture_output=True, **kwargs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _peak_rss_mb(args) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (MB) of one command, from GNU time's report or,
+    without it, from the child's rusage."""
+    import resource
+
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if shutil.which("time") or Path("/usr/bin/time").exists():
+        result = subprocess.run(["/usr/bin/time", "-f", "%M", *args], check=True,
+                                capture_output=True, text=True)
+        peak_kb = int(result.stderr.strip().splitlines()[-1])
+    else:
+        subprocess.run(args, check=True, capture_output=True)
+        peak_kb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return time.perf_counter() - start, peak_kb / 1024
+
+
+def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -> dict:
+    """Stage times, images/s, start-up and peak memory of pcodec beside OpenJPEG."""
+    import torch
+    from PIL import Image
+
+    from . import engine, models
+
+    pcodec = [sys.executable, "-m", "pcodec"]
+    files = image_files(folder, limit)
+    model = models.load()
+    images = [_read_any(p) for p in files]
+    result: dict = {"images": [p.name for p in files], "torch_threads": torch.get_num_threads()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # Batch, in one process: encode then decode every image, stage by stage.
+        streams = []
+        engine.STAGE_SECONDS.clear()
+        start = time.perf_counter()
+        for image in images:
+            streams.append(engine.encode(model, image))
+        encode_s = (time.perf_counter() - start) / len(images)
+        encode_stages = {k: v / len(images) for k, v in engine.STAGE_SECONDS.items()}
+        engine.STAGE_SECONDS.clear()
+        start = time.perf_counter()
+        for data in streams:
+            engine.decode(model, data)
+        decode_s = (time.perf_counter() - start) / len(images)
+        decode_stages = {k: v / len(images) for k, v in engine.STAGE_SECONDS.items()}
+        engine.STAGE_SECONDS.clear()
+        start = time.perf_counter()
+        for data in streams:
+            header, payloads, partial = engine.read_stream(model, data)
+            for _, state in engine.decode_latents(model, header, payloads, partial):
+                engine.synthesize(model, state, header.height, header.width)
+        all_layers_s = (time.perf_counter() - start) / len(images)
+        result["batch"] = {"encode_s_per_image": encode_s, "decode_s_per_image": decode_s,
+                           "decode_every_layer_s_per_image": all_layers_s,
+                           "encode_stages_s": encode_stages, "decode_stages_s": decode_stages}
+        # One file through the CLI, start-up included.
+        stream_path = work / "one.pcb"
+        stream_path.write_bytes(streams[0])
+        result["cli"] = {
+            "help_s": _timed_command(pcodec + ["--help"]),
+            "info_s": _timed_command(pcodec + ["info", str(stream_path)]),
+            "truncate_s": _timed_command(pcodec + ["truncate", str(stream_path), "--bytes", "9000",
+                                                   "-o", str(work / "cut.pcb")]),
+            "decode_one_file_s": _timed_command(pcodec + ["decode", str(stream_path), "-o",
+                                                          str(work / "one.png")], repeat=2),
+            "import_torch_s": _timed_command([sys.executable, "-c", "import torch"]),
+        }
+        # OpenJPEG on the same images, about the same rate as pcodec's full streams.
+        if shutil.which("opj_decompress"):
+            times = []
+            for image, data in zip(images, streams):
+                source, j2k = work / "s.ppm", work / "s.j2k"
+                Image.fromarray(image).save(source)
+                bpp = 8 * len(data) / (image.shape[0] * image.shape[1])
+                _run(["opj_compress", "-i", str(source), "-o", str(j2k), "-r", f"{24 / bpp:.3f}"])
+                times.append(_timed_command(["opj_decompress", "-i", str(j2k), "-o",
+                                             str(work / "d.ppm")], repeat=1))
+            result["openjpeg_decode_s_per_image"] = float(np.mean(times))
+        if large:
+            big = work / "large.png"
+            base = Image.fromarray(images[0])
+            base.resize((3840, 3840 * base.height // base.width), Image.LANCZOS).crop(
+                (0, 0, 3840, 2160)).save(big)
+            encode_wall, encode_peak = _peak_rss_mb(pcodec + ["encode", str(big), "-o",
+                                                              str(work / "large.pcb")])
+            decode_wall, decode_peak = _peak_rss_mb(pcodec + ["decode", str(work / "large.pcb"),
+                                                              "-o", str(work / "large.out.png")])
+            result["3840x2160"] = {"encode_s": encode_wall, "encode_peak_mb": encode_peak,
+                                   "decode_s": decode_wall, "decode_peak_mb": decode_peak}
+    (out_dir / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def speed_table(result: dict) -> str:
+    batch, cli = result["batch"], result["cli"]
+    lines = ["| measure | seconds |", "|---|---|"]
+    lines.append(f"| encode, per image, batch in one process | {batch['encode_s_per_image']:.3f} |")
+    for name, seconds in batch["encode_stages_s"].items():
+        lines.append(f"| &nbsp;&nbsp;{name} | {seconds:.3f} |")
+    lines.append(f"| decode, per image, batch in one process | {batch['decode_s_per_image']:.3f} |")
+    for name, seconds in batch["decode_stages_s"].items():
+        lines.append(f"| &nbsp;&nbsp;{name} | {seconds:.3f} |")
+    lines.append(f"| decode every layer of a stream (9 images), per stream | "
+                 f"{batch['decode_every_layer_s_per_image']:.3f} |")
+    if "openjpeg_decode_s_per_image" in result:
+        lines.append(f"| opj_decompress, per image (process included) | "
+                     f"{result['openjpeg_decode_s_per_image']:.3f} |")
+    lines.append(f"| `pcodec decode` one file, start-up included | {cli['decode_one_file_s']:.3f} |")
+    lines.append(f"| &nbsp;&nbsp;of which `import torch` | {cli['import_torch_s']:.3f} |")
+    lines.append(f"| `pcodec --help` | {cli['help_s']:.3f} |")
+    lines.append(f"| `pcodec info` | {cli['info_s']:.3f} |")
+    lines.append(f"| `pcodec truncate` | {cli['truncate_s']:.3f} |")
+    if "3840x2160" in result:
+        large = result["3840x2160"]
+        lines.append(f"| 3840×2160 encode (peak RSS {large['encode_peak_mb']:.0f} MB) | "
+                     f"{large['encode_s']:.1f} |")
+        lines.append(f"| 3840×2160 decode (peak RSS {large['decode_peak_mb']:.0f} MB) | "
+                     f"{large['decode_s']:.1f} |")
+    return "\n".join(lines)

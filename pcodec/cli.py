@@ -293,13 +293,20 @@ def info(obj, inputs, as_json, max_pixels):
               help="Byte offsets per pcodec stream (log-spaced).")
 @click.option("--codec", "codecs", multiple=True,
               help="Only codecs whose name contains this (repeatable; 'pcodec' for ours).")
-def bench(folder, out_dir, limit, cuts, codecs):
+@click.option("--speed", is_flag=True,
+              help="Measure speed instead: stage times, images/s, start-up, peak memory.")
+def bench(folder, out_dir, limit, cuts, codecs, speed):
     """Rate–distortion and speed of pcodec and the classical codecs on a folder of images."""
-    from .bench import run_bench, table
+    from . import bench as bench_module
 
-    result = run_bench(folder, out_dir, limit, cuts, list(codecs) or None,
-                       progress=sys.stderr.isatty())
-    click.echo(table(result))
+    if speed:
+        result = bench_module.run_speed(folder, out_dir, limit or 8)
+        click.echo(bench_module.speed_table(result))
+        click.echo(f"\n{out_dir}/speed.json")
+        return
+    result = bench_module.run_bench(folder, out_dir, limit, cuts, list(codecs) or None,
+                                    progress=sys.stderr.isatty())
+    click.echo(bench_module.table(result))
     click.echo(f"\n{out_dir}/bench.json, {out_dir}/rd.png")
 
 

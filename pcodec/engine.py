@@ -9,6 +9,7 @@ refines the most valuable elements first at no side cost.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ TILE_MARGIN = 4  # ... with 4 latents (64 pixels) of context around each
 
 
 CHUNK = 1 << 15  # elements whose probability tables are built at a time (bounds memory)
+TABLE_CACHE_ELEMENTS = 1 << 20  # up to this many elements a layer's tables are built once
 
 
 @dataclass
@@ -159,18 +161,50 @@ def _refinement_tables(model: LoadedModel, state: LatentState, layer: int, eleme
     return bounds, counts, probabilities
 
 
-def _refinement_order(model: LoadedModel, state: LatentState, layer: int) -> np.ndarray:
-    """Elements this layer splits, highest expected distortion drop per bit first."""
+def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
+    """Elements this layer splits, highest expected distortion drop per bit first, and their
+    tables in that order when they are few enough to keep (else None: rebuilt per chunk)."""
     step = model.int_steps[layer][state.channel]
     counts, _ = quant.split_counts(state.lower, state.upper, step)
     candidates = np.nonzero(state.coded & (counts > 1))[0]
+    keep = len(candidates) <= TABLE_CACHE_ELEMENTS
     keys = np.empty(len(candidates), np.int64)
+    kept = []
     for start in range(0, len(candidates), CHUNK):
         elements = candidates[start:start + CHUNK]
-        bounds, _, probabilities = _refinement_tables(model, state, layer, elements)
+        tables = _refinement_tables(model, state, layer, elements)
         keys[start:start + CHUNK] = quant.refinement_priority(
-            bounds, probabilities, model.unit[state.channel[elements]])
-    return candidates[quant.coding_order(keys)]
+            tables[0], tables[2], model.unit[state.channel[elements]])
+        if keep:
+            kept.append(tables)
+    order = quant.coding_order(keys)
+    if not keep or not kept:
+        return candidates[order], None
+    width = max(t[0].shape[1] for t in kept)
+    bounds = np.concatenate([_pad_columns(t[0], width, edge=True) for t in kept])[order]
+    counts = np.concatenate([t[1] for t in kept])[order]
+    probabilities = np.concatenate([_pad_columns(t[2], width - 1) for t in kept])[order]
+    return candidates[order], (bounds, counts, probabilities)
+
+
+def _pad_columns(array: np.ndarray, width: int, edge: bool = False) -> np.ndarray:
+    """Widen a table to `width` columns (bounds repeat their last column, masses get 0)."""
+    extra = width - array.shape[1]
+    if extra <= 0:
+        return array
+    mode = {"mode": "edge"} if edge else {"mode": "constant"}
+    return np.pad(array, ((0, 0), (0, extra)), **mode)
+
+
+def _layer_chunks(model: LoadedModel, state: LatentState, layer: int):
+    """(elements, bounds, counts, probabilities) chunk by chunk in coding order."""
+    order, tables = _refinement_plan(model, state, layer)
+    for start in range(0, len(order), CHUNK):
+        elements = order[start:start + CHUNK]
+        if tables is None:
+            yield (elements, *_refinement_tables(model, state, layer, elements))
+        else:
+            yield (elements, *(t[start:start + CHUNK] for t in tables))
 
 
 def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: np.ndarray) -> bytes:
@@ -191,10 +225,7 @@ def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: n
             _apply_first_layer(model, state, elements, q)
         _encode_excess(encoder, np.concatenate(escapes))
         return encoder.finish()
-    order = _refinement_order(model, state, layer)
-    for start in range(0, len(order), CHUNK):
-        elements = order[start:start + CHUNK]
-        bounds, counts, probabilities = _refinement_tables(model, state, layer, elements)
+    for elements, bounds, counts, probabilities in _layer_chunks(model, state, layer):
         symbols = quant.sub_interval_index(bounds, counts, y_units[elements])
         encoder.categorical(symbols, probabilities)
         _apply_refinement(state, elements, bounds, symbols)
@@ -220,10 +251,7 @@ def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: byte
             symbols = symbols[: escaped[0]]
         _apply_first_layer(model, state, order[: len(symbols)], symbols)
         return
-    order = _refinement_order(model, state, layer)
-    for start in range(0, len(order), CHUNK):
-        elements = order[start:start + CHUNK]
-        bounds, counts, probabilities = _refinement_tables(model, state, layer, elements)
+    for elements, bounds, counts, probabilities in _layer_chunks(model, state, layer):
         symbols = decoder.categorical(probabilities)
         if complete and (symbols >= counts).any():
             raise StreamError(f"corrupt stream: impossible symbol in layer {layer + 1}")
@@ -246,6 +274,18 @@ def _apply_refinement(state, elements, bounds, symbols):
 
 
 # -- public API ----------------------------------------------------------------------------
+
+STAGE_SECONDS: dict[str, float] = {}  # wall time per stage, accumulated (bench-speed reads it)
+
+
+@contextmanager
+def stage(name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+
 
 @contextmanager
 def single_threaded():
@@ -316,13 +356,17 @@ def analyse(model: LoadedModel, image: np.ndarray):
 
 def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None) -> bytes:
     height, width = image.shape[:2]
-    y, z_hat = analyse(model, image)
-    sections = [_encode_hyper(model, z_hat)]
-    state = _new_state(model, z_hat)
+    with stage("analysis transforms"):
+        y, z_hat = analyse(model, image)
+    with stage("hyper-latent coding"):
+        sections = [_encode_hyper(model, z_hat)]
+    with stage("prior (h_s, float64)"):
+        state = _new_state(model, z_hat)
     y_units = (y - state.mu).reshape(-1) / model.unit[state.channel]
     del y
-    for layer in range(layers or model.layers):
-        sections.append(_encode_layer(model, state, layer, y_units))
+    with stage("layer coding (tables + range coder)"):
+        for layer in range(layers or model.layers):
+            sections.append(_encode_layer(model, state, layer, y_units))
     return container.pack(width, height, model.model_id,
                           model.digest[: container.DIGEST_BYTES], sections)
 
@@ -349,19 +393,31 @@ def decode_latents(model: LoadedModel, header: container.Header, payloads, parti
     # A cut hyper-latent section is not used: a few more ẑ symbols change the prior of every
     # element and need not improve the image; the image of the most probable ẑ does for now.
     hyper = payloads[0] if payloads and not partial[0] else None
-    z_hat = _decode_hyper(model, hyper, z_shape)
-    state = _new_state(model, z_hat)
+    with stage("hyper-latent coding"):
+        z_hat = _decode_hyper(model, hyper, z_shape)
+    with stage("prior (h_s, float64)"):
+        state = _new_state(model, z_hat)
     if state.mu.shape != y_shape:
         raise StreamError("corrupt stream: latent shape mismatch")
     yield 0, state
     for index in range(1, len(payloads)):
-        _decode_layer(model, state, index - 1, payloads[index], not partial[index])
+        with stage("layer coding (tables + range coder)"):
+            _decode_layer(model, state, index - 1, payloads[index], not partial[index])
         yield index, state
 
 
 def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
                conditional_mean: bool = True) -> np.ndarray:
     torch = _torch()
+    with stage("reconstruction"):
+        y_hat = _reconstruct_latent(model, state, conditional_mean)
+    with stage("synthesis transform"), torch.no_grad():
+        x = tiled(model.network.g_s, torch.from_numpy(y_hat.reshape(state.mu.shape))[None], 16)
+    pixels = torch.clamp(x[0] * 255 + 0.5, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(pixels[:height, :width])
+
+
+def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean: bool):
     y_hat = state.mu.reshape(-1).copy()
     for start in range(0, len(y_hat), CHUNK * 4):
         part = slice(start, start + CHUNK * 4)
@@ -370,11 +426,7 @@ def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
                                    conditional_mean) * model.unit[state.channel[part]]
         y_hat[part] += y_star.astype(np.float32)
     # A damaged stream with valid CRCs can decode absurd values; keep them finite.
-    y_hat = np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
-    with torch.no_grad():
-        x = tiled(model.network.g_s, torch.from_numpy(y_hat.reshape(state.mu.shape))[None], 16)
-    pixels = torch.clamp(x[0] * 255 + 0.5, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(pixels[:height, :width])
+    return np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
 
 
 def read_stream(model: LoadedModel, data: bytes, layers: int | None = None,

@@ -19,7 +19,7 @@ sides build identical tables. No torch here.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import log_ndtr, ndtr
+from scipy.special import log_ndtr, ndtr  # noqa: F401 (log_ndtr used in reconstruct)
 
 SLIVER_NUM, SLIVER_DEN = 3, 10  # slivers < 0.3 step are merged (must match network.SLIVER)
 FINEST_STEP_UNITS = 16  # the finest layer's step in grid units: sets the integer resolution
@@ -90,22 +90,26 @@ def sub_interval_index(bounds: np.ndarray, count: np.ndarray, y_units: np.ndarra
 def interval_probabilities(bounds: np.ndarray, sigma_units: np.ndarray) -> np.ndarray:
     """Renormalised Gaussian mass of each sub-interval (rows sum to 1).
 
-    Intervals are mirrored to the negative side and the masses are taken as differences of
-    exp(log Φ - log Φ(top)), so that even intervals far in the tail get exact relative masses
-    instead of 0/0.
+    Intervals are mirrored to the negative side, where Φ keeps its relative precision down
+    to about -37σ. Beyond that Φ underflows; there each cell gets the density at its edge
+    nearest the mean, which decays the same way.
     """
     centre = bounds[:, :1] + bounds[:, -1:]
     mirror = centre > 0
-    edges = np.where(mirror, -bounds[:, ::-1], bounds).astype(np.float64) / sigma_units[:, None]
-    log_cdf = log_ndtr(edges)
-    relative = np.exp(log_cdf - log_cdf[:, -1:])
-    mass = np.diff(relative, axis=1)
+    edges = np.where(mirror, -bounds[:, ::-1], bounds) / sigma_units[:, None]
+    mass = np.diff(ndtr(edges), axis=1)
     mass = np.where(mirror, mass[:, ::-1], mass)
-    mass = np.maximum(mass, 0.0)
+    np.maximum(mass, 0.0, out=mass)
     total = mass.sum(axis=1, keepdims=True)
-    widths = np.diff(bounds, axis=1).astype(np.float64)
-    uniform = widths / np.maximum(widths.sum(axis=1, keepdims=True), 1)
-    return np.where(total > 0, mass / np.where(total > 0, total, 1), uniform)
+    good = total[:, 0] > 1e-300
+    if good.all():
+        return mass / total
+    nearest = edges[:, 1:]  # mirrored: each cell's upper edge is the one nearest the mean
+    log_density = -0.5 * nearest * nearest
+    tail = np.exp(log_density - log_density.max(axis=1, keepdims=True))
+    tail = np.where(mirror, tail[:, ::-1], tail) * (np.diff(bounds, axis=1) > 0)
+    tail = tail / np.maximum(tail.sum(axis=1, keepdims=True), 1e-300)
+    return np.where(good[:, None], mass / np.where(good[:, None], total, 1), tail)
 
 
 def refinement_priority(bounds: np.ndarray, probabilities: np.ndarray, unit: np.ndarray,
