@@ -298,7 +298,8 @@ PEERS = [Jpeg2000Layered(), Jpeg2000(), ProgressiveJpeg(), JpegXL(), WebP(), Avi
 # -- pcodec --------------------------------------------------------------------------------
 
 def pcodec_rows(model, image: np.ndarray, cuts: int):
-    """Rows for every layer and for byte cuts of one stream; one entropy decode per point set."""
+    """Rows for every layer of one stream and for prefixes of it cut at log-spaced byte
+    offsets (the bytes a client that stopped there received), sharing the decoding work."""
     from . import container, engine
 
     pixels = image.shape[0] * image.shape[1]
@@ -306,26 +307,23 @@ def pcodec_rows(model, image: np.ndarray, cuts: int):
     data = engine.encode(model, image)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
-    full = engine.decode(model, data)
+    engine.decode(model, data)
     decode_s = time.perf_counter() - start
-    header, payloads, partial = engine.read_stream(model, data)
+    header, header_length = container.parse_header(data)
+    ends = header_length + np.cumsum([s.length for s in header.sections])
+    layer_ends = [int(e) for e in ends[1:]]
+    offsets = np.unique(np.geomspace(ends[0], len(data), cuts).astype(int))
+    sizes = sorted(set(layer_ends) | {int(o) for o in offsets})
     rows = []
-    for layers, state in engine.decode_latents(model, header, payloads, partial):
-        if layers == 0:
-            continue
-        size = len(container.repack(header, payloads[:layers + 1], partial[:layers + 1]))
-        decoded = full if layers == len(payloads) - 1 else engine.synthesize(
-            model, state, header.height, header.width)
-        rows.append(("layer", layers, size, decoded))
-    first = len(container.truncate(data, layers=1))
-    for size in np.unique(np.geomspace(first * 0.5, len(data), cuts).astype(int)):
-        cut = container.truncate(data, max_bytes=int(size))
-        rows.append(("cut", None, len(cut), engine.decode(model, cut)))
-    return [
-        {"kind": kind, "layers": layers, "bytes": size, "bpp": 8 * size / pixels,
-         "psnr": psnr(decoded, image), "ms_ssim": ms_ssim(decoded, image),
-         "encode_s": encode_s, "decode_s": decode_s}
-        for kind, layers, size, decoded in rows]
+    for size, decoded in engine.decode_prefixes(model, data, sizes):
+        quality = {"psnr": psnr(decoded, image), "ms_ssim": ms_ssim(decoded, image)}
+        common = {"bytes": size, "bpp": 8 * size / pixels, **quality,
+                  "encode_s": encode_s, "decode_s": decode_s}
+        if size in layer_ends:
+            rows.append({"kind": "layer", "layers": layer_ends.index(size) + 1, **common})
+        if size in offsets or size in layer_ends:
+            rows.append({"kind": "cut", "layers": None, **common})
+    return rows
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -425,7 +423,31 @@ def summarize(rows, images: int) -> dict:
                   for b in names} for a in names}
     delta_psnr = {a: {b: bd_psnr(curves[b]["bpp"], curves[b]["psnr"], curves[a]["bpp"], curves[a]["psnr"])
                       for b in names} for a in names}
-    return {"curves": curves, "bd_rate_percent": matrix, "bd_psnr_db": delta_psnr}
+    return {"curves": curves, "bd_rate_percent": matrix, "bd_psnr_db": delta_psnr,
+            "pcodec_cuts": cut_statistics(rows)}
+
+
+def cut_statistics(rows) -> dict:
+    """Per image: BD-rate of pcodec's byte-cut curve against its layer points, and whether
+    PSNR ever decreases as the cut moves later (issue: every byte must help)."""
+    per_image: dict[str, dict[str, list]] = {}
+    for row in rows:
+        if row["codec"].startswith("pcodec"):
+            per_image.setdefault(row["image"], {}).setdefault(row["codec"], []).append(row)
+    bd, decreases = [], 0
+    for curves in per_image.values():
+        layers = sorted(curves.get("pcodec", []), key=lambda r: r["bytes"])
+        cuts = sorted(curves.get("pcodec (byte cuts)", []), key=lambda r: r["bytes"])
+        if len(layers) >= 2 and len(cuts) >= 2:
+            value = bd_rate([r["bpp"] for r in layers], [r["psnr"] for r in layers],
+                            [r["bpp"] for r in cuts], [r["psnr"] for r in cuts])
+            if value is not None:
+                bd.append(value)
+        decreases += any(b["psnr"] < a["psnr"] - 1e-9 for a, b in zip(cuts, cuts[1:]))
+    return {"images": len(per_image),
+            "bd_rate_cuts_vs_layers_percent_mean": float(np.mean(bd)) if bd else None,
+            "bd_rate_cuts_vs_layers_percent_worst": float(np.max(bd)) if bd else None,
+            "images_where_psnr_ever_decreases": decreases}
 
 
 def table(result: dict) -> str:

@@ -41,6 +41,11 @@ class LatentState:
     upper: np.ndarray
     coded: np.ndarray  # (E,) bool: element has an interval
 
+    def copy(self) -> LatentState:
+        """A copy whose intervals can be refined independently (the prior is shared)."""
+        return LatentState(self.mu, self.scale_index, self.channel, self.lower.copy(),
+                           self.upper.copy(), self.coded.copy())
+
     def sigma_units(self, model: LoadedModel, elements=slice(None)) -> np.ndarray:
         """Prior scale in grid units (from the snapped table value)."""
         return quant.SCALES[self.scale_index[elements]] / model.unit[self.channel[elements]]
@@ -196,9 +201,9 @@ def _pad_columns(array: np.ndarray, width: int, edge: bool = False) -> np.ndarra
     return np.pad(array, ((0, 0), (0, extra)), **mode)
 
 
-def _layer_chunks(model: LoadedModel, state: LatentState, layer: int):
+def _layer_chunks(model: LoadedModel, state: LatentState, layer: int, plan=None):
     """(elements, bounds, counts, probabilities) chunk by chunk in coding order."""
-    order, tables = _refinement_plan(model, state, layer)
+    order, tables = plan or _refinement_plan(model, state, layer)
     for start in range(0, len(order), CHUNK):
         elements = order[start:start + CHUNK]
         if tables is None:
@@ -232,11 +237,21 @@ def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: n
     return encoder.finish()
 
 
-def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: bytes,
-                  complete: bool):
-    decoder = entropy.Decoder(data, complete)
+def plan_layer(model: LoadedModel, state: LatentState, layer: int):
+    """What decoding a layer from this state needs before reading any bit: the coding order
+    (and tables). Reusable for several cuts of the same layer from copies of the state."""
     if layer == 0:
-        order = _first_layer_order(model, state)
+        return _first_layer_order(model, state)
+    return _refinement_plan(model, state, layer)
+
+
+def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: bytes,
+                  complete: bool, plan=None):
+    decoder = entropy.Decoder(data, complete)
+    if plan is None:
+        plan = plan_layer(model, state, layer)
+    if layer == 0:
+        order = plan
         symbols = []
         for start in range(0, len(order), CHUNK):
             elements = order[start:start + CHUNK]
@@ -251,7 +266,7 @@ def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: byte
             symbols = symbols[: escaped[0]]
         _apply_first_layer(model, state, order[: len(symbols)], symbols)
         return
-    for elements, bounds, counts, probabilities in _layer_chunks(model, state, layer):
+    for elements, bounds, counts, probabilities in _layer_chunks(model, state, layer, plan):
         symbols = decoder.categorical(probabilities)
         if complete and (symbols >= counts).any():
             raise StreamError(f"corrupt stream: impossible symbol in layer {layer + 1}")
@@ -427,6 +442,51 @@ def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean
         y_hat[part] += y_star.astype(np.float32)
     # A damaged stream with valid CRCs can decode absurd values; keep them finite.
     return np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
+
+
+def decode_prefixes(model: LoadedModel, data: bytes, sizes):
+    """Images of the first `size` bytes of a stream for many sizes, sharing the decoding of
+    the layers they have in common. Yields (size, pixels) in increasing size."""
+    header, header_length = container.parse_header(data)
+    check_model(model, header)
+    payloads, _ = container.split_sections(data, header, header_length)
+    ends = header_length + np.cumsum([len(p) for p in payloads])
+    sizes = sorted(int(s) for s in sizes)
+    for size in sizes:
+        if size < header_length:
+            raise UsageError(f"--bytes {size} is below this stream's header ({header_length} bytes)")
+    z_shape, _ = latent_shapes(model, header.height, header.width)
+    before_hyper = [s for s in sizes if s < ends[0]]
+    if before_hyper:
+        pixels = synthesize(model, _new_state(model, _decode_hyper(model, None, z_shape)),
+                            header.height, header.width)
+        for size in before_hyper:
+            yield size, pixels
+    state = _new_state(model, _decode_hyper(model, payloads[0], z_shape))
+    pending = [s for s in sizes if s >= ends[0]]
+    for index in range(1, len(payloads) + 1):
+        if not pending:
+            return
+        if pending[0] == ends[index - 1]:  # cuts right after a complete section
+            pixels = synthesize(model, state, header.height, header.width)
+            while pending and pending[0] == ends[index - 1]:
+                yield pending.pop(0), pixels
+        if index == len(payloads):
+            break
+        inside = [s for s in pending if s < ends[index]]
+        if inside:
+            plan = plan_layer(model, state, index - 1)
+            for size in inside:
+                cut = state.copy()
+                _decode_layer(model, cut, index - 1, payloads[index][: size - ends[index - 1]],
+                              False, plan)
+                yield size, synthesize(model, cut, header.height, header.width)
+            pending = pending[len(inside):]
+            _decode_layer(model, state, index - 1, payloads[index], True, plan)
+        else:
+            _decode_layer(model, state, index - 1, payloads[index], True)
+    for size in pending:  # beyond the end: the whole stream
+        yield size, synthesize(model, state, header.height, header.width)
 
 
 def read_stream(model: LoadedModel, data: bytes, layers: int | None = None,

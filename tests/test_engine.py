@@ -83,3 +83,11 @@ def test_tiled_transforms_match_untiled(model):
         y = whole[:, :, :, :]
         assert torch.allclose(model.network.g_s(y), tiled(model.network.g_s, y, 16, tile=6, margin=4),
                               atol=1e-4)
+
+
+def test_shared_prefix_decoding_equals_one_decode_per_prefix(model, sample_stream):
+    sizes = [150, 400, 1000, 2500, 6000, len(sample_stream), len(sample_stream) + 10]
+    header_length = container.parse_header(sample_stream)[1]
+    sizes = [max(s, header_length) for s in sizes]
+    for size, pixels in engine.decode_prefixes(model, sample_stream, sizes):
+        assert (pixels == engine.decode(model, sample_stream, max_bytes=size)).all(), size
