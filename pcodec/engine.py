@@ -202,14 +202,21 @@ def _pad_columns(array: np.ndarray, width: int, edge: bool = False) -> np.ndarra
 
 
 def _layer_chunks(model: LoadedModel, state: LatentState, layer: int, plan=None):
-    """(elements, bounds, counts, probabilities) chunk by chunk in coding order."""
+    """(elements, bounds, counts, probabilities) chunk by chunk in coding order.
+
+    A chunk's tables are exactly as wide as its largest split: the coder gives every table
+    entry some mass, so the width is part of the format and must not depend on whether the
+    tables were kept from planning or rebuilt.
+    """
     order, tables = plan or _refinement_plan(model, state, layer)
     for start in range(0, len(order), CHUNK):
         elements = order[start:start + CHUNK]
         if tables is None:
             yield (elements, *_refinement_tables(model, state, layer, elements))
-        else:
-            yield (elements, *(t[start:start + CHUNK] for t in tables))
+            continue
+        bounds, counts, probabilities = (t[start:start + CHUNK] for t in tables)
+        width = int(counts.max())
+        yield elements, bounds[:, :width + 1], counts, probabilities[:, :width]
 
 
 def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: np.ndarray) -> bytes:

@@ -130,8 +130,12 @@ def main():
     parser = argparse.ArgumentParser(description="Fuzz the pcodec decoder.")
     parser.add_argument("--cases", type=int, default=100000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--shipped-model", action="store_true",
+                        help="fuzz with the shipped model instead of the tiny test model")
     args = parser.parse_args()
-    model = models.load()
+    from golden import load_test_model
+
+    model = models.load() if args.shipped_model else load_test_model()
     started = time.perf_counter()
     counts, findings = fuzz(model, sample_streams(model), args.cases, args.seed, report_every=5000)
     for key in sorted(counts):

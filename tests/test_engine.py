@@ -91,3 +91,12 @@ def test_shared_prefix_decoding_equals_one_decode_per_prefix(model, sample_strea
     sizes = [max(s, header_length) for s in sizes]
     for size, pixels in engine.decode_prefixes(model, sample_stream, sizes):
         assert (pixels == engine.decode(model, sample_stream, max_bytes=size)).all(), size
+
+
+def test_stream_does_not_depend_on_table_caching(model, monkeypatch):
+    image = synthetic_image(64, 96, seed=11)
+    cached = engine.encode(model, image)
+    monkeypatch.setattr(engine, "TABLE_CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(engine, "CHUNK", 1 << 15)
+    assert engine.encode(model, image) == cached
+    assert (engine.decode(model, cached) == engine.decode(model, cached)).all()
