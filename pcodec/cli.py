@@ -28,6 +28,7 @@ class Batch:
         self.quiet = quiet
         self.exit_code = 0
         self.failed = 0
+        self.started = time.perf_counter()
 
     def warn(self, message: str):
         if not self.quiet:
@@ -46,8 +47,9 @@ class Batch:
             self.failed += 1
 
     def finish(self, total: int):
-        if total > 1 and self.failed and not self.quiet:
-            _say(f"pcodec: {self.failed} of {total} inputs failed")
+        if total > 1 and not self.quiet:
+            _say(f"pcodec: {total - self.failed} of {total} inputs done, {self.failed} failed, "
+                 f"{time.perf_counter() - self.started:.1f} s")
         sys.exit(self.exit_code)
 
 

@@ -202,6 +202,8 @@ def cut(header: Header, payloads: list[bytes], partial: list[bool], layers: int 
         if max_bytes is None or _packed_size(header, candidate) <= max_bytes:
             kept = candidate
             continue
+        if not kept:
+            break  # a cut hyper-latent section is never used by decoders: drop it whole
         # Cut this section: shrink until header + payload fits (the varint may shrink too).
         room = max_bytes - _packed_size(header, kept + [(b"", True)])
         while room > 0 and _packed_size(header, kept + [(payload[:room], True)]) > max_bytes:
