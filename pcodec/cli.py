@@ -184,12 +184,8 @@ def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels
         limit = pixel_limit(max_pixels)
         header, _ = container.parse_header(data, limit)
         model = models.load(header.model_id)
-        header, payloads, partial_flags = engine.read_stream(model, data, layers, max_bytes,
-                                                             partial, limit)
-        state = None
-        for _, state in engine.decode_latents(model, header, payloads, partial_flags):
-            pass
-        pixels = engine.synthesize(model, state, header.height, header.width, not midpoint)
+        pixels, header, payloads, partial_flags = engine.decode_detailed(
+            model, data, layers, max_bytes, partial, not midpoint, limit)
         write_bytes(out, encode_image(pixels, out), overwrite=not no_overwrite)
         used = len(container.pack_header(header)) + sum(len(p) for p in payloads)
         cut = " (last layer partial)" if any(partial_flags) else ""

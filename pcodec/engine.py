@@ -520,9 +520,19 @@ def decode(model: LoadedModel, data: bytes, layers: int | None = None,
            conditional_mean: bool = True,
            max_pixels: int = container.DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image from a stream, or from its first `layers` layers / first `max_bytes` bytes."""
+    return decode_detailed(model, data, layers, max_bytes, allow_partial, conditional_mean,
+                           max_pixels)[0]
+
+
+def decode_detailed(model: LoadedModel, data: bytes, layers: int | None = None,
+                    max_bytes: int | None = None, allow_partial: bool = False,
+                    conditional_mean: bool = True,
+                    max_pixels: int = container.DEFAULT_MAX_PIXELS):
+    """decode(), also returning the header and the sections used (payloads, partial flags)."""
     header, payloads, partial = read_stream(model, data, layers, max_bytes, allow_partial,
                                             max_pixels)
     state = None
     for _, state in decode_latents(model, header, payloads, partial):
         pass
-    return synthesize(model, state, header.height, header.width, conditional_mean)
+    pixels = synthesize(model, state, header.height, header.width, conditional_mean)
+    return pixels, header, payloads, partial
