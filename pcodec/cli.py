@@ -146,7 +146,7 @@ def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite):
                time.perf_counter() - start, obj["quiet"])
 
     for path in inputs:
-        batch.run(path, lambda: one(path))
+        batch.run(path, lambda path=path: one(path))
     batch.finish(len(inputs))
 
 
@@ -193,7 +193,7 @@ def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels
                time.perf_counter() - start, obj["quiet"], cut)
 
     for path in inputs:
-        batch.run(path, lambda: one(path))
+        batch.run(path, lambda path=path: one(path))
     batch.finish(len(inputs))
 
 
@@ -278,7 +278,7 @@ def info(obj, inputs, as_json, max_pixels):
                        f"  crc {entry['crc32']}{flag}")
 
     for path in inputs:
-        batch.run(path, lambda: one(path))
+        batch.run(path, lambda path=path: one(path))
     batch.finish(len(inputs))
 
 

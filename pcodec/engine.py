@@ -333,7 +333,6 @@ def tiled(transform, source, factor: float, tile: int = TILE_LATENTS, margin: in
     multi-threaded convolution sums in an order that depends on the thread count, which
     would change a pixel here and there; this way the result depends only on the image size.
     """
-    torch = _torch()
     per_latent = 16 if factor < 1 else 1  # source units per latent
     out_per_latent = 16 if factor > 1 else 1
     height, width = source.shape[2] // per_latent, source.shape[3] // per_latent
@@ -531,8 +530,6 @@ def decode_detailed(model: LoadedModel, data: bytes, layers: int | None = None,
     """decode(), also returning the header and the sections used (payloads, partial flags)."""
     header, payloads, partial = read_stream(model, data, layers, max_bytes, allow_partial,
                                             max_pixels)
-    state = None
-    for _, state in decode_latents(model, header, payloads, partial):
-        pass
+    *_, (_, state) = decode_latents(model, header, payloads, partial)  # the final state
     pixels = synthesize(model, state, header.height, header.width, conditional_mean)
     return pixels, header, payloads, partial

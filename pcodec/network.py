@@ -22,7 +22,6 @@ with warnings.catch_warnings():
 
 from .transforms import build_transforms
 
-
 SCALE_MIN = 0.04  # lower bound of the prior's sigma; matches the coder's scale table
 SLIVER = 0.3  # DeepHQ's boundary-aware threshold: slivers narrower than 0.3 step are merged
 LIKELIHOOD_MIN = 1e-9

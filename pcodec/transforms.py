@@ -62,7 +62,7 @@ class Transforms(nn.Module):
             setattr(self, name, module)
         converted = {}
         for key, value in state_dict.items():
-            if not key.split(".")[0] in ("g_a", "g_s", "h_a", "h_s") or "_reparam." in key:
+            if key.split(".")[0] not in ("g_a", "g_s", "h_a", "h_s") or "_reparam." in key:
                 continue
             if key.endswith((".beta", ".gamma")):
                 prefix = key.rsplit(".", 1)[0] + "." + key.rsplit(".", 1)[1] + "_reparam."

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import random
-import struct
 import sys
 import time
-import zlib
 
 import numpy as np
 

@@ -34,6 +34,7 @@ def pixel_digest(pixels) -> str:
 
 def regenerate():
     from conftest import synthetic_image
+
     from pcodec import container, engine
 
     model = load_test_model()

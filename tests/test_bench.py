@@ -27,9 +27,8 @@ def test_bd_rate_uses_only_the_overlap():
 
 @pytest.mark.skipif(not shutil.which("opj_compress"), reason="OpenJPEG tools not installed")
 def test_j2k_layer_prefixes_decode_and_grow(tmp_path):
-    from PIL import Image
-
     from conftest import synthetic_image
+    from PIL import Image
 
     image = synthetic_image(96, 128)
     source = tmp_path / "s.ppm"

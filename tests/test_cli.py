@@ -1,19 +1,16 @@
 """End-to-end CLI behaviour: the user's own examples, pipes, batch runs and clean errors."""
 
-import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import SAMPLE, synthetic_image
 from PIL import Image
 
-from conftest import SAMPLE, synthetic_image
 from pcodec.cli import main
-from pcodec.evaluate import psnr
 
 
 def pcodec(*args, input=None, cwd=None):
@@ -177,7 +174,7 @@ IMAGE_KINDS = {
     "gray": lambda a, p: save(a, p, "L"),
     "palette": lambda a, p: save(a, p, "P"),
     "rgba": lambda a, p: save(np.dstack([a, np.full(a.shape[:2], 128, np.uint8)]), p),
-    "gray16": lambda a, p: Image.fromarray((a[:, :, 0].astype(np.uint16) * 257)).save(p),
+    "gray16": lambda a, p: Image.fromarray(a[:, :, 0].astype(np.uint16) * 257).save(p),
     "cmyk_jpeg": lambda a, p: save(a, p.with_suffix(".jpg"), "CMYK", quality=95),
     "tiff": lambda a, p: save(a, p.with_suffix(".tif")),
     "bmp": lambda a, p: save(a, p.with_suffix(".bmp")),

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+from conftest import synthetic_image
 
 from pcodec import container, engine
 from pcodec.errors import StreamError
 from pcodec.evaluate import layer_points, psnr
-
-from conftest import synthetic_image
 
 
 def test_full_stream_round_trip_is_exact_in_size_and_close_in_pixels(model, sample_image, sample_stream):
