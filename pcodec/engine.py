@@ -169,9 +169,13 @@ def _refinement_tables(model: LoadedModel, state: LatentState, layer: int, eleme
 def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
     """Elements this layer splits, highest expected distortion drop per bit first, and their
     tables in that order when they are few enough to keep (else None: rebuilt per chunk)."""
-    step = model.int_steps[layer][state.channel]
-    counts, _ = quant.split_counts(state.lower, state.upper, step)
-    candidates = np.nonzero(state.coded & (counts > 1))[0]
+    candidates = []
+    for start in range(0, len(state.lower), CHUNK * 8):  # in slices: bounded temporaries
+        part = slice(start, start + CHUNK * 8)
+        counts, _ = quant.split_counts(state.lower[part], state.upper[part],
+                                       model.int_steps[layer][state.channel[part]])
+        candidates.append(start + np.nonzero(state.coded[part] & (counts > 1))[0])
+    candidates = np.concatenate(candidates)
     keep = len(candidates) <= TABLE_CACHE_ELEMENTS
     keys = np.empty(len(candidates), np.int64)
     kept = []
@@ -183,6 +187,7 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
         if keep:
             kept.append(tables)
     order = quant.coding_order(keys)
+    del keys
     if not keep or not kept:
         return candidates[order], None
     width = max(t[0].shape[1] for t in kept)
@@ -370,6 +375,7 @@ def analyse(model: LoadedModel, image: np.ndarray):
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         y = tiled(model.network.g_a, x, 1 / 16)
+        del x
         with single_threaded():  # small, and thread-count independent like the rest
             z = model.network.h_a(y)
     return y[0].double().numpy(), np.round(z[0].numpy()).astype(np.int64)
@@ -434,8 +440,8 @@ def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
         y_hat = _reconstruct_latent(model, state, conditional_mean)
     with stage("synthesis transform"), torch.no_grad():
         x = tiled(model.network.g_s, torch.from_numpy(y_hat.reshape(state.mu.shape))[None], 16)
-    pixels = torch.clamp(x[0] * 255 + 0.5, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(pixels[:height, :width])
+    pixels = x[0].mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # in place: large images
+    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()[:height, :width])
 
 
 def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean: bool):
