@@ -287,7 +287,7 @@ def info(obj, inputs, as_json, max_pixels):
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("bench-output"),
               show_default=True, help="Where bench.json and rd.png go.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images.")
-@click.option("--cuts", type=click.IntRange(min=2), default=16, show_default=True,
+@click.option("--cuts", type=click.IntRange(min=2), default=50, show_default=True,
               help="Byte offsets per pcodec stream (log-spaced).")
 @click.option("--codec", "codecs", multiple=True,
               help="Only codecs whose name contains this (repeatable; 'pcodec' for ours).")
