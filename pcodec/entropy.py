@@ -36,12 +36,11 @@ def _family(kind: str, parameter):
 
 
 def _params(kind: str, table, start: int, stop: int):
-    if kind == "categorical":
-        return (table[start:stop],)
-    if kind == "gaussian":
-        stds = table[start:stop]
-        return np.zeros_like(stds), stds
-    return ()
+    """Per-symbol model parameters; constriction needs C-contiguous float64 arrays."""
+    if kind == "uniform":
+        return ()
+    rows = np.ascontiguousarray(table[start:stop], dtype=np.float64)
+    return (rows,) if kind == "categorical" else (np.zeros_like(rows), rows)
 
 
 class Encoder:

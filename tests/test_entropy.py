@@ -54,3 +54,15 @@ def test_prefix_decoding_is_close_to_ideal():
     for end in (len(data) // 4, len(data) // 2, 3 * len(data) // 4):
         decoded = entropy.Decoder(data[:end], complete=False).categorical(probabilities)
         assert len(decoded) >= 0.97 * int((ideal_end <= end).sum()) - 20
+
+
+def test_tables_may_be_views():
+    """Tables cut out of wider arrays (non-contiguous views) code like copies."""
+    rng = np.random.default_rng(5)
+    wide = rng.dirichlet(np.ones(8), size=500)
+    view = wide[:, :5]
+    symbols = rng.integers(0, 5, 500)
+    encoder = entropy.Encoder()
+    encoder.categorical(symbols, view)
+    data = encoder.finish()
+    assert (entropy.Decoder(data).categorical(view) == symbols).all()
