@@ -99,6 +99,16 @@ def _read_any(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def _source_png(work: Path, image: np.ndarray) -> Path:
+    """The image as PNG in the work folder (written once), for tools that do not read PPM."""
+    png = work / "source.png"
+    if not png.exists():
+        from PIL import Image
+
+        Image.fromarray(image).save(png)
+    return png
+
+
 class Peer:
     name = ""
     tools: tuple[str, ...] = ()
@@ -224,11 +234,7 @@ class WebP(Peer):
     tools = ("cwebp", "dwebp")
 
     def points(self, source, image, work):
-        png = work / "source.png"
-        if not png.exists():
-            from PIL import Image
-
-            Image.fromarray(image).save(png)
+        png = _source_png(work, image)
         for quality in (5, 20, 40, 60, 75, 88, 96):
             path, out = work / f"q{quality}.webp", work / f"q{quality}.ppm"
             start = time.perf_counter()
@@ -244,11 +250,7 @@ class Avif(Peer):
     tools = ("avifenc", "avifdec")
 
     def points(self, source, image, work):
-        png = work / "source.png"
-        if not png.exists():
-            from PIL import Image
-
-            Image.fromarray(image).save(png)
+        png = _source_png(work, image)
         for quantizer in (58, 50, 42, 34, 26, 18, 10):
             path, out = work / f"q{quantizer}.avif", work / f"q{quantizer}.png"
             start = time.perf_counter()
@@ -268,11 +270,7 @@ class HevcIntra(Peer):
     tools = ("ffmpeg",)
 
     def points(self, source, image, work):
-        png = work / "source.png"
-        if not png.exists():
-            from PIL import Image
-
-            Image.fromarray(image).save(png)
+        png = _source_png(work, image)
         height, width = image.shape[:2]
         for qp in (50, 45, 40, 35, 30, 25, 20):
             path, out = work / f"qp{qp}.hevc", work / f"qp{qp}.png"
