@@ -38,10 +38,6 @@ def default_model_id() -> str:
     return manifest()["default"]
 
 
-def file_digest(path: Path) -> bytes:
-    return hashlib.sha256(path.read_bytes()).digest()
-
-
 def hyper_latent_table(entropy_bottleneck) -> np.ndarray:
     """Integer frequencies (N, 2*Z_RANGE+1) of each hyper-latent channel, every entry ≥ 1,
     the two end entries holding the tail masses (escape symbols)."""
