@@ -374,7 +374,7 @@ def analyse(model: LoadedModel, image: np.ndarray):
     torch = _torch()
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        y = tiled(model.network.g_a, x, 1 / 16)
+        y = tiled(model.network.analysis, x, 1 / 16)
         del x
         with single_threaded():  # small, and thread-count independent like the rest
             z = model.network.h_a(y)
@@ -439,7 +439,7 @@ def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
     with stage("reconstruction"):
         y_hat = _reconstruct_latent(model, state, conditional_mean)
     with stage("synthesis transform"), torch.no_grad():
-        x = tiled(model.network.g_s, torch.from_numpy(y_hat.reshape(state.mu.shape))[None], 16)
+        x = tiled(model.network.synthesis, torch.from_numpy(y_hat.reshape(state.mu.shape))[None], 16)
     pixels = x[0].mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # in place: large images
     return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()[:height, :width])
 

@@ -1,6 +1,15 @@
 """The four transforms of the mean-scale hyperprior, defined once, and a plain-torch GDN for
 inference: coding needs no compressai import (it pulls in torchvision and torch_geometric,
-seconds of start-up), training builds the same layers with compressai's GDN."""
+seconds of start-up), training builds the same layers with compressai's GDN.
+
+Inference runs channels-last (oneDNN's fast path). The synthesis runs in bfloat16 where the
+CPU has native bf16 (as training did), except its last layer: that output is the image
+itself, and bf16's 8-bit mantissa would move pixels by up to half a level. Measured on a
+768x512 synthesis, one thread: float32 1.9 s, channels-last float32 1.0 s, this ≈ 0.25 s;
+PSNR within 0.01 dB of float32. The analysis stays float32: in bf16 it was 3x faster but
+cost 0.02 dB at the finest layer, and a stream is encoded once and decoded many times.
+The prior (h_s) is not here: it runs in float64 for bit-exact coding.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +62,35 @@ def _effective(value: torch.Tensor, bound: torch.Tensor, pedestal: torch.Tensor)
     return torch.maximum(value, bound) ** 2 - pedestal
 
 
+def native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class SubPixelDeconv(nn.Module):
+    """A 5x5 stride-2 transposed convolution rewritten as a 3x3 convolution to 4x the
+    channels and a pixel shuffle: the same sums, ~5x faster in float32 on CPU (oneDNN's
+    transposed convolution to 3 channels is slow)."""
+
+    def __init__(self, deconv: nn.ConvTranspose2d):
+        super().__init__()
+        cin, cout, kernel, _ = deconv.weight.shape
+        assert kernel == 5 and deconv.stride == (2, 2) and deconv.padding == (2, 2)
+        weight = deconv.weight.new_zeros(cout * 4, cin, 3, 3)
+        # out[2r + a] = sum over i = r + d of x[i] * w[a + 2 - 2d], for d in -1..1.
+        for a in range(2):
+            for b in range(2):
+                for du in (-1, 0, 1):
+                    for dv in (-1, 0, 1):
+                        ku, kv = a + 2 - 2 * du, b + 2 - 2 * dv
+                        if 0 <= ku < 5 and 0 <= kv < 5:
+                            weight[a * 2 + b::4, :, du + 1, dv + 1] = deconv.weight[:, :, ku, kv].T
+        self.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
+        self.bias = nn.Parameter(deconv.bias.repeat_interleave(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pixel_shuffle(nn.functional.conv2d(x, self.weight, self.bias, padding=1), 2)
+
+
 class Transforms(nn.Module):
     """Inference-only transforms loaded from a training state dict."""
 
@@ -73,3 +111,18 @@ class Transforms(nn.Module):
             converted[key] = value
         self.load_state_dict(converted)
         self.eval()
+        self.bf16 = native_bf16()
+        self.g_s_body = self.g_s[:-1].to(memory_format=torch.channels_last)
+        self.g_s_last = SubPixelDeconv(self.g_s[-1])
+        self.g_a.to(memory_format=torch.channels_last)
+
+    def analysis(self, x: torch.Tensor) -> torch.Tensor:
+        """g_a: (1, 3, H, W) in [0, 1] → y, float32."""
+        return self.g_a(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def synthesis(self, y: torch.Tensor) -> torch.Tensor:
+        """g_s: ŷ → (1, 3, H, W) image in [0, 1] (not clamped), float32."""
+        y = y.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.g_s_body(y)
+        return self.g_s_last(hidden.float()).contiguous()

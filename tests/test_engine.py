@@ -76,12 +76,31 @@ def test_tiled_transforms_match_untiled(model):
     image = synthetic_image(200, 264, seed=9)
     x = torch.from_numpy(engine.pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        whole = model.network.g_a(x)
-        pieces = tiled(model.network.g_a, x, 1 / 16, tile=5, margin=4)
+        whole = model.network.analysis(x)
+        pieces = tiled(model.network.analysis, x, 1 / 16, tile=5, margin=4)
         assert torch.allclose(whole, pieces, atol=1e-4)
         y = whole[:, :, :, :]
-        assert torch.allclose(model.network.g_s(y), tiled(model.network.g_s, y, 16, tile=6, margin=4),
-                              atol=1e-4)
+        assert torch.allclose(model.network.synthesis(y),
+                              tiled(model.network.synthesis, y, 16, tile=6, margin=4), atol=1e-4)
+
+
+def test_fast_transforms_match_float32_layers(model):
+    """Channels-last, the bf16 body and the sub-pixel last layer stay within a pixel level
+    (a small fraction on average) of the plain float32 layers the weights were loaded into."""
+    import torch
+
+    from pcodec.transforms import SubPixelDeconv
+
+    image = synthetic_image(96, 128, seed=4)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        assert torch.allclose(model.network.analysis(x), model.network.g_a(x), atol=1e-4)
+        y = model.network.g_a(x)
+        error = (model.network.synthesis(y) - model.network.g_s(y)).abs()
+        assert error.max() < 2 / 255 and error.mean() < 0.2 / 255, (error.max(), error.mean())
+        hidden = model.network.g_s[:-1](y)
+        last = model.network.g_s[-1]
+        assert torch.allclose(SubPixelDeconv(last)(hidden), last(hidden), atol=1e-5)
 
 
 def test_shared_prefix_decoding_equals_one_decode_per_prefix(model, sample_stream):
