@@ -37,3 +37,19 @@ def test_j2k_layer_prefixes_decode_and_grow(tmp_path):
     sizes = [p[0] for p in points]
     quality = [bench.psnr(p[1], image) for p in points]
     assert sizes == sorted(sizes) and quality[-1] > quality[0]
+
+
+def test_ms_ssim_equals_pytorch_msssim():
+    """The numpy MS-SSIM is CompressAI's metric (pytorch_msssim), odd sizes included."""
+    import torch
+    from pytorch_msssim import ms_ssim as reference
+
+    rng = np.random.default_rng(3)
+    for shape in [(170, 161, 3), (203, 333, 3)]:
+        a = rng.integers(0, 256, shape).astype(np.uint8)
+        b = np.clip(a.astype(int) + rng.integers(-30, 30, shape), 0, 255).astype(np.uint8)
+        expected = float(reference(*(torch.from_numpy(v).permute(2, 0, 1)[None].float()
+                                     for v in (a, b)), data_range=255))
+        assert abs(bench.ms_ssim(a, b) - expected) < 1e-5
+    assert bench.ms_ssim(a, a) == pytest.approx(1.0)
+    assert bench.ms_ssim(a[:100], b[:100]) is None
