@@ -17,18 +17,34 @@ from .errors import PcodecError, UsageError
 STDIO = "-"
 
 
+_progress_shown = False  # a progress bar is on the terminal's last line
+
+
 def _say(message: str):
+    global _progress_shown
+    if _progress_shown:  # the bar is redrawn after the message
+        click.echo("\r\033[K", nl=False, err=True)
+        _progress_shown = False
     click.echo(message, err=True)
 
 
 class Batch:
-    """Runs one action per input, going on past failures; remembers the worst exit code."""
+    """Runs one action per input, going on past failures; remembers the worst exit code.
 
-    def __init__(self, quiet: bool):
+    An action returns its one line of statistics (or None). With jobs > 1 the actions run in
+    that many worker processes, each with its share of the cores; with several inputs and a
+    terminal on stderr a progress bar follows the statistics lines.
+    """
+
+    def __init__(self, quiet: bool, total: int = 1, jobs: int = 1):
         self.quiet = quiet
+        self.total = total
+        self.jobs = max(1, min(jobs, total))
         self.exit_code = 0
         self.failed = 0
+        self.done = 0
         self.started = time.perf_counter()
+        self.progress = total > 1 and not quiet and sys.stderr.isatty()
 
     def warn(self, message: str):
         if not self.quiet:
@@ -36,21 +52,68 @@ class Batch:
 
     def run(self, name: str, action):
         try:
-            action()
+            self._report(action(), None)
         except PcodecError as error:
-            _say(f"pcodec: error: {error}")
-            self.exit_code = self.exit_code or error.exit_code
-            self.failed += 1
+            self._report(None, (f"pcodec: error: {error}", error.exit_code))
         except MemoryError:
-            _say(f"pcodec: error: {name}: out of memory")
-            self.exit_code = self.exit_code or 1
-            self.failed += 1
+            self._report(None, (f"pcodec: error: {name}: out of memory", 1))
 
-    def finish(self, total: int):
-        if total > 1 and not self.quiet:
-            _say(f"pcodec: {total - self.failed} of {total} inputs done, {self.failed} failed, "
-                 f"{time.perf_counter() - self.started:.1f} s")
+    def run_all(self, function, inputs, *args):
+        """function(path, *args) for every input: module-level, so workers can run it."""
+        if self.jobs == 1:
+            for path in inputs:
+                self.run(path, lambda path=path: function(path, *args))
+            return
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        # spawn, not fork: forking a process that has started torch's threads can hang.
+        with ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
+                                 initializer=_worker_setup, initargs=(threads,)) as pool:
+            futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
+            for future in futures:
+                self._report(*future.result())
+
+    def _report(self, message, failure):
+        global _progress_shown
+        self.done += 1
+        if failure is not None:
+            _say(failure[0])
+            self.exit_code = self.exit_code or failure[1]
+            self.failed += 1
+        elif message and not self.quiet:
+            _say(message)
+        if self.progress and self.done < self.total:
+            width, elapsed = 30, time.perf_counter() - self.started
+            filled = width * self.done // self.total
+            eta = elapsed / self.done * (self.total - self.done)
+            click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                       f"{elapsed:.0f} s, {eta:.0f} s left", nl=False, err=True)
+            _progress_shown = True
+
+    def finish(self):
+        if self.total > 1 and not self.quiet:
+            _say(f"pcodec: {self.total - self.failed} of {self.total} inputs done, {self.failed} "
+                 f"failed, {time.perf_counter() - self.started:.1f} s")
         sys.exit(self.exit_code)
+
+
+def _worker_setup(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _in_worker(function, path, *args):
+    """(statistics line, None) or (None, (error line, exit code)): errors cross back as text."""
+    try:
+        return function(path, *args), None
+    except PcodecError as error:
+        return None, (f"pcodec: error: {error}", error.exit_code)
+    except MemoryError:
+        return None, (f"pcodec: error: {path}: out of memory", 1)
 
 
 def _output_for(input_path: str, output: str | None, total: int, default_suffix: str) -> str:
@@ -75,6 +138,13 @@ def _output_for(input_path: str, output: str | None, total: int, default_suffix:
     return str(free_name(path.with_name(path.stem + default_suffix)))
 
 
+def _parallel_jobs(inputs, jobs: int) -> int:
+    """Workers pick output names independently: inputs with the same file stem (a/x.png,
+    b/x.png) or stdin would race for one name, so those batches run in one process."""
+    stems = [Path(path).stem for path in inputs]
+    return jobs if STDIO not in inputs and len(set(stems)) == len(stems) else 1
+
+
 def _check_not_input(input_path: str, output: str):
     from .imageio import same_file
 
@@ -83,11 +153,10 @@ def _check_not_input(input_path: str, output: str):
 
 
 def _stats(name: str, output: str, size: int, width: int, height: int, layers: int, seconds: float,
-           quiet: bool, extra: str = ""):
-    if not quiet:
-        target = "stdout" if output == STDIO else output
-        _say(f"{name} -> {target}: {size} bytes, {8 * size / (width * height):.4f} bpp, "
-             f"{width}x{height}, {layers} layers{extra}, {seconds:.2f} s")
+           extra: str = "") -> str:
+    target = "stdout" if output == STDIO else output
+    return (f"{name} -> {target}: {size} bytes, {8 * size / (width * height):.4f} bpp, "
+            f"{width}x{height}, {layers} layers{extra}, {seconds:.2f} s")
 
 
 max_pixels_option = click.option(
@@ -95,6 +164,8 @@ max_pixels_option = click.option(
     help="Refuse images larger than this many pixels [default: 33554432, or $PCODEC_MAX_PIXELS].")
 overwrite_option = click.option("--no-overwrite", is_flag=True,
                                 help="Fail instead of replacing an existing output file.")
+jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                           help="Worker processes for several inputs (they share the cores).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,34 +191,34 @@ def main(ctx, quiet):
               help="Code only the first K layers [default: all].")
 @max_pixels_option
 @overwrite_option
+@jobs_option
 @click.pass_obj
-def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite):
+def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite, jobs):
     """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
+    batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
+    batch.run_all(_encode_one, inputs, output, len(inputs), model_id, layers, max_pixels,
+                  no_overwrite, obj["quiet"])
+    batch.finish()
+
+
+def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite, quiet) -> str:
     from . import engine, models
     from .imageio import max_pixels as pixel_limit
     from .imageio import read_image, write_bytes
 
-    batch = Batch(obj["quiet"])
-    model = None
-
-    def one(path):
-        nonlocal model
-        start = time.perf_counter()
-        out = _output_for(path, output, len(inputs), ".pcb")
-        _check_not_input(path, out)
-        pixels = read_image(path, pixel_limit(max_pixels), batch.warn)
-        model = model or models.load(model_id)
-        if layers is not None and layers > model.layers:
-            raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
-        data = engine.encode(model, pixels, layers)
-        write_bytes(out, data, overwrite=not no_overwrite)
-        height, width = pixels.shape[:2]
-        _stats(path, out, len(data), width, height, layers or model.layers,
-               time.perf_counter() - start, obj["quiet"])
-
-    for path in inputs:
-        batch.run(path, lambda path=path: one(path))
-    batch.finish(len(inputs))
+    start = time.perf_counter()
+    out = _output_for(path, output, total, ".pcb")
+    _check_not_input(path, out)
+    pixels = read_image(path, pixel_limit(max_pixels),
+                        (lambda message: None) if quiet else (lambda m: _say(f"pcodec: warning: {m}")))
+    model = models.load(model_id)
+    if layers is not None and layers > model.layers:
+        raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
+    data = engine.encode(model, pixels, layers)
+    write_bytes(out, data, overwrite=not no_overwrite)
+    height, width = pixels.shape[:2]
+    return _stats(path, out, len(data), width, height, layers or model.layers,
+                  time.perf_counter() - start)
 
 
 @main.command()
@@ -165,36 +236,38 @@ def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite):
               help="Reconstruct at interval midpoints instead of the prior's conditional mean.")
 @max_pixels_option
 @overwrite_option
+@jobs_option
 @click.pass_obj
-def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, no_overwrite):
+def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, no_overwrite, jobs):
     """Decode .pcb streams ('-' for stdin) to images."""
+    batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
+    batch.run_all(_decode_one, inputs, output, len(inputs), layers, max_bytes, partial, midpoint,
+                  max_pixels, no_overwrite)
+    batch.finish()
+
+
+def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_pixels,
+                no_overwrite) -> str:
     from . import engine, models
     from .imageio import encode_image, read_bytes, write_bytes
     from .imageio import max_pixels as pixel_limit
 
-    batch = Batch(obj["quiet"])
     suffix = (f".l{layers}" if layers is not None else "") + (
         f".b{max_bytes}" if max_bytes is not None else "") or ".decoded"
-
-    def one(path):
-        start = time.perf_counter()
-        out = _output_for(path, output, len(inputs), suffix + ".png")
-        _check_not_input(path, out)
-        data = read_bytes(path)
-        limit = pixel_limit(max_pixels)
-        header, _ = container.parse_header(data, limit)
-        model = models.load(header.model_id)
-        pixels, header, payloads, partial_flags = engine.decode_detailed(
-            model, data, layers, max_bytes, partial, not midpoint, limit)
-        write_bytes(out, encode_image(pixels, out), overwrite=not no_overwrite)
-        used = len(container.pack_header(header)) + sum(len(p) for p in payloads)
-        cut = " (last layer partial)" if any(partial_flags) else ""
-        _stats(path, out, used, header.width, header.height, max(0, len(payloads) - 1),
-               time.perf_counter() - start, obj["quiet"], cut)
-
-    for path in inputs:
-        batch.run(path, lambda path=path: one(path))
-    batch.finish(len(inputs))
+    start = time.perf_counter()
+    out = _output_for(path, output, total, suffix + ".png")
+    _check_not_input(path, out)
+    data = read_bytes(path)
+    limit = pixel_limit(max_pixels)
+    header, _ = container.parse_header(data, limit)
+    model = models.load(header.model_id)
+    pixels, header, payloads, partial_flags = engine.decode_detailed(
+        model, data, layers, max_bytes, partial, not midpoint, limit)
+    write_bytes(out, encode_image(pixels, out), overwrite=not no_overwrite)
+    used = len(container.pack_header(header)) + sum(len(p) for p in payloads)
+    cut = " (last layer partial)" if any(partial_flags) else ""
+    return _stats(path, out, used, header.width, header.height, max(0, len(payloads) - 1),
+                  time.perf_counter() - start, cut)
 
 
 @main.command()
@@ -223,13 +296,12 @@ def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, no
         result = container.truncate(data, layers, max_bytes, pixel_limit(max_pixels), partial)
         write_bytes(output, result, overwrite=not no_overwrite)
         header, _ = container.parse_header(result, pixel_limit(max_pixels))
-        if not obj["quiet"]:
-            _say(f"{input_path} -> {'stdout' if output == STDIO else output}: {len(data)} -> "
-                 f"{len(result)} bytes, {8 * len(result) / (header.width * header.height):.4f} "
-                 f"bpp, {header.layers} layers")
+        return (f"{input_path} -> {'stdout' if output == STDIO else output}: {len(data)} -> "
+                f"{len(result)} bytes, {8 * len(result) / (header.width * header.height):.4f} "
+                f"bpp, {header.layers} layers")
 
     batch.run(input_path, one)
-    batch.finish(1)
+    batch.finish()
 
 
 @main.command()
@@ -242,7 +314,7 @@ def info(obj, inputs, as_json, max_pixels):
     from .imageio import max_pixels as pixel_limit
     from .imageio import read_bytes
 
-    batch = Batch(obj["quiet"])
+    batch = Batch(obj["quiet"], len(inputs))
 
     def one(path):
         data = read_bytes(path)
@@ -279,7 +351,7 @@ def info(obj, inputs, as_json, max_pixels):
 
     for path in inputs:
         batch.run(path, lambda path=path: one(path))
-    batch.finish(len(inputs))
+    batch.finish()
 
 
 @main.command()

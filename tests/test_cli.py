@@ -158,6 +158,26 @@ def test_batch_goes_on_past_a_bad_file(workdir):
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.pcb", "c.pcb"]
 
 
+def test_parallel_jobs_give_the_same_files_and_go_on_past_a_bad_one(workdir):
+    for name, seed in (("a", 0), ("c", 1), ("d", 2)):
+        save(synthetic_image(40, 56, seed), workdir / f"{name}.png")
+    (workdir / "b.png").write_text("not an image")
+    (workdir / "one").mkdir()
+    (workdir / "two").mkdir()
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    assert pcodec("encode", *names, "-o", "one", cwd=workdir).exit_code == 1
+    result = pcodec("encode", *names, "-o", "two", "-j", "2", cwd=workdir)
+    assert result.exit_code == 1 and "3 of 4 inputs done, 1 failed" in result.stderr
+    streams = sorted(p.name for p in (workdir / "one").iterdir())
+    assert streams == ["a.pcb", "c.pcb", "d.pcb"]
+    for name in streams:
+        assert (workdir / "one" / name).read_bytes() == (workdir / "two" / name).read_bytes()
+    result = pcodec("decode", *(f"two/{n}" for n in streams), "-o", "two", "--layers", "2",
+                    "-j", "2", cwd=workdir)
+    assert result.exit_code == 0
+    assert sorted(p.name for p in (workdir / "two").glob("*.png")) == ["a.l2.png", "c.l2.png", "d.l2.png"]
+
+
 def test_no_overwrite(workdir):
     (workdir / "img.pcb").write_bytes(b"old")
     assert pcodec("encode", "img.png", "-o", "img.pcb", "--no-overwrite", cwd=workdir).exit_code == 1
