@@ -7,10 +7,10 @@ KODAK  ?= ../shared/data/kodak
 TRAIN  ?= ../shared/data/train
 DEMO   := demo-output
 
-.PHONY: help install test demo bench bench-tools bench-speed train fuzz lint clean
+.PHONY: help install test demo bench bench-cuts bench-tools bench-speed train fuzz lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-tools:  ## install the peer codecs from Debian packages (needs root)
 bench: $(STAMP)  ## RD + speed of pcodec and the peers on Kodak -> bench-output/
 	$(BIN)/pcodec bench $(KODAK) -o bench-output
 
+bench-cuts: $(STAMP)  ## pcodec alone, 120 byte cuts per Kodak stream -> bench-cuts-output/
+	$(BIN)/pcodec bench $(KODAK) --codec pcodec --cuts 120 -o bench-cuts-output
+
 bench-speed: $(STAMP)  ## stage times, images/s, start-up and 4K peak memory beside OpenJPEG
 	$(BIN)/pcodec bench --speed $(KODAK) -o bench-output
 
@@ -52,4 +55,4 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check pcodec tests
 
 clean:  ## remove outputs (keeps .venv)
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache bench-output bench-cuts-output
