@@ -46,10 +46,6 @@ class Batch:
         self.started = time.perf_counter()
         self.progress = total > 1 and not quiet and sys.stderr.isatty()
 
-    def warn(self, message: str):
-        if not self.quiet:
-            _say(f"pcodec: warning: {message}")
-
     def run(self, name: str, action):
         try:
             self._report(action(), None)
