@@ -13,11 +13,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .container import DEFAULT_MAX_PIXELS
 from .errors import RuntimeIOError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STDIO = "-"
 
@@ -69,6 +71,8 @@ def decode_image(data: bytes, name: str, pixel_limit: int, warn=None) -> np.ndar
 
 
 def to_rgb(image, name: str, warn=None) -> np.ndarray:
+    import numpy as np  # here, not at the top: `info` and `truncate` must start fast
+
     mode = image.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         if warn:
