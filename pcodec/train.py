@@ -39,6 +39,7 @@ class TrainConfig:
     lambdas: tuple = LAMBDA_LADDER
     autocast: bool = True  # bf16 transforms, fp32 entropy models
     channels_last: bool = True
+    compile: bool = False  # torch.compile: 13 % faster steps, minutes of warm-up per run
     threads: int = 2
     seed: int = 0
     checkpoint_every: int = 200
@@ -156,6 +157,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
               file=log)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if config.compile else model
     sampler = PatchSampler(data, config.patch, config.seed + state["step"])
     lambdas_all = torch.tensor(config.lambdas)
     layer_rng = random.Random(config.seed * 7919 + state["step"])
@@ -174,7 +176,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             batch = batch.contiguous(memory_format=torch.channels_last)
         layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
                                  for _ in range(config.batch)])
-        x_hat, y_lik, z_lik = model(batch, layer_of, autocast=config.autocast)
+        x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=config.autocast)
         loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, lambdas_all[layer_of - 1])
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):  # a rare bad batch must not poison the weights
@@ -260,12 +262,12 @@ def measure_throughput(options=THROUGHPUT_OPTIONS, steps: int = 6, log=sys.stder
     torch.set_num_threads(base.threads)
     rows = []
     for option in options:
-        config = replace(base, **{k: v for k, v in option.items() if k != "compile"})
+        config = replace(base, **option)
         torch.manual_seed(0)
         model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M))
         memory = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory)
-        forward = torch.compile(model) if option.get("compile") else model
+        forward = torch.compile(model) if config.compile else model
         optimizer = torch.optim.Adam(model.parameters(), 1e-4)
         lambdas = torch.tensor(config.lambdas)
         times = []
