@@ -1,8 +1,9 @@
-"""Golden streams: written once per format version with the tiny test model, then decoded by
-every later build to the same latent, bit for bit (what the format defines), and to an image
-of the same quality (the synthesis arithmetic may change: bf16 or not, CPU or GPU).
+"""Golden streams: written once per format version with the tiny test model (and one with
+each shipped model release, whose weights stay in models/ so old files keep decoding), then
+decoded by every later build to the same latent, bit for bit (what the format defines), and
+to an image of the same quality (the synthesis arithmetic may change: bf16 or not, CPU or GPU).
 `python tests/golden.py` regenerates them (only on a format version bump);
-`python tests/golden.py --records` rewrites only what is recorded of the existing streams.
+`python tests/golden.py --records` writes only missing streams and rewrites what is recorded.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ def load_test_model():
     return load_weights_file(TEST_MODEL, TEST_MODEL_ID)
 
 
+def load_model(model_id: str):
+    from pcodec import models
+
+    return load_test_model() if model_id == TEST_MODEL_ID else models.load(model_id)
+
+
 def cases():
-    """(name, height, width, seed, decode options) of each golden stream."""
-    return [("a", 37, 53, 1, [{}, {"layers": 2}, {"max_bytes": 220}]),
-            ("b", 1, 1, 2, [{}]),
-            ("c", 70, 9, 3, [{}, {"layers": 0}])]
+    """(name, model id, height, width, seed, decode options) of each golden stream."""
+    return [("a", TEST_MODEL_ID, 37, 53, 1, [{}, {"layers": 2}, {"max_bytes": 220}]),
+            ("b", TEST_MODEL_ID, 1, 1, 2, [{}]),
+            ("c", TEST_MODEL_ID, 70, 9, 3, [{}, {"layers": 0}]),
+            # the first shipped weights (session 1), on a small image to keep the file small
+            ("hp128-dhq8", "hp128-dhq8", 48, 80, 4, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
@@ -65,12 +74,12 @@ def regenerate(streams: bool):
 
     from pcodec import container, engine
 
-    model = load_test_model()
     expected = {"format_version": container.VERSION, "streams": {}}
-    for name, height, width, seed, options in cases():
-        if streams:
-            data = engine.encode(model, synthetic_image(height, width, seed))
-            (DATA / f"golden-{name}.pcb").write_bytes(data)
+    for name, model_id, height, width, seed, options in cases():
+        model = load_model(model_id)
+        path = DATA / f"golden-{name}.pcb"
+        if streams or not path.exists():
+            path.write_bytes(engine.encode(model, synthetic_image(height, width, seed)))
         expected["streams"][name] = records(model, name, height, width, seed, options)
     (DATA / "golden.json").write_text(json.dumps(expected, indent=1) + "\n")
 

@@ -4,7 +4,7 @@ and an image of the same quality."""
 import json
 
 from conftest import synthetic_image
-from golden import DATA, cases, decoded, load_test_model
+from golden import DATA, cases, decoded, load_model
 
 from pcodec import container
 from pcodec.evaluate import psnr
@@ -13,8 +13,8 @@ from pcodec.evaluate import psnr
 def test_golden_streams_decode_to_recorded_latents():
     expected = json.loads((DATA / "golden.json").read_text())
     assert expected["format_version"] == container.VERSION, "format bumped: regenerate goldens"
-    model = load_test_model()
-    for name, height, width, seed, _ in cases():
+    for name, model_id, height, width, seed, _ in cases():
+        model = load_model(model_id)
         data = (DATA / f"golden-{name}.pcb").read_bytes()
         source = synthetic_image(height, width, seed)
         for case in expected["streams"][name]:
