@@ -47,12 +47,7 @@ class Batch:
         self.progress = total > 1 and not quiet and sys.stderr.isatty()
 
     def run(self, name: str, action):
-        try:
-            self._report(action(), None)
-        except PcodecError as error:
-            self._report(None, (f"pcodec: error: {error}", error.exit_code))
-        except MemoryError:
-            self._report(None, (f"pcodec: error: {name}: out of memory", 1))
+        self._report(*_outcome(action, name))
 
     def run_all(self, function, inputs, *args):
         """function(path, *args) for every input: module-level, so workers can run it."""
@@ -102,14 +97,19 @@ def _worker_setup(threads: int):
     torch.set_num_threads(threads)
 
 
-def _in_worker(function, path, *args):
-    """(statistics line, None) or (None, (error line, exit code)): errors cross back as text."""
+def _outcome(action, name: str):
+    """(statistics line, None) or (None, (error line, exit code)): errors as text, so they
+    can also cross back from a worker process."""
     try:
-        return function(path, *args), None
+        return action(), None
     except PcodecError as error:
         return None, (f"pcodec: error: {error}", error.exit_code)
     except MemoryError:
-        return None, (f"pcodec: error: {path}: out of memory", 1)
+        return None, (f"pcodec: error: {name}: out of memory", 1)
+
+
+def _in_worker(function, path, *args):
+    return _outcome(lambda: function(path, *args), path)
 
 
 def _output_for(input_path: str, output: str | None, total: int, default_suffix: str) -> str:
