@@ -76,14 +76,31 @@ def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
     return cached
 
 
+PRIOR_BAND = 8  # h_s runs on bands of 8 ẑ rows (32 latent rows) ...
+PRIOR_MARGIN = 3  # ... with 3 rows of context each side: more than h_s's reach (2 rows)
+
+
+def hyper_synthesis_banded(model: LoadedModel, z_hat: np.ndarray, band: int = PRIOR_BAND):
+    """h_s in float64 over row bands of ẑ: the same numbers as one pass (a test checks it
+    bit for bit), at a fraction of the memory — float64 convolutions unfold their input,
+    ~1 GB for a 3840x2160 image in one pass."""
+    torch = _torch()
+    z = torch.from_numpy(z_hat.astype(np.float64))[None]
+    height, pieces = z.shape[2], []
+    with torch.no_grad(), single_threaded():
+        for top in range(0, height, band):
+            bottom = min(height, top + band)
+            t0, t1 = max(0, top - PRIOR_MARGIN), min(height, bottom + PRIOR_MARGIN)
+            piece = model.hyper_synthesis(z[:, :, t0:t1])
+            pieces.append(piece[0, :, (top - t0) * 4:(bottom - t0) * 4].numpy())
+    return np.concatenate(pieces, axis=1)
+
+
 def _prior(model: LoadedModel, z_hat: np.ndarray):
     """μ and the snapped scales from ẑ, in float64 on the CPU (both sides must agree)."""
-    torch = _torch()
-    with torch.no_grad(), single_threaded():
-        params = model.hyper_synthesis(torch.from_numpy(z_hat.astype(np.float64))[None])[0]
-    scales, means = params.chunk(2, 0)
-    sigma = np.maximum(np.abs(scales.numpy()), quant.SCALES[0])
-    return means.numpy().astype(np.float32), quant.scale_indexes(sigma.reshape(-1))
+    scales, means = np.split(hyper_synthesis_banded(model, z_hat), 2, axis=0)
+    sigma = np.maximum(np.abs(scales), quant.SCALES[0])
+    return means.astype(np.float32), quant.scale_indexes(sigma.reshape(-1))
 
 
 def _new_state(model: LoadedModel, z_hat: np.ndarray) -> LatentState:
@@ -371,19 +388,27 @@ def tiled(transform, source, factor: float, tile: int = TILE_LATENTS, margin: in
         return piece[:, :, (top - t0) * out_per_latent:(bottom - t0) * out_per_latent,
                      (left - l0) * out_per_latent:(right - l0) * out_per_latent]
 
+    output = None
+
+    def place(box, piece):  # each tile goes into the output as it arrives: bounded memory
+        nonlocal output
+        if output is None:
+            output = piece.new_empty((1, piece.shape[1], height * out_per_latent,
+                                      width * out_per_latent))
+        top, left, bottom, right = box
+        output[:, :, top * out_per_latent:bottom * out_per_latent,
+               left * out_per_latent:right * out_per_latent] = piece
+
     with single_threaded() as workers:
         if len(boxes) == 1 or workers == 1:
-            pieces = [run(box) for box in boxes]
+            for box in boxes:
+                place(box, run(box))
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(min(workers, len(boxes))) as pool:
-                pieces = list(pool.map(run, boxes))
-    output = pieces[0].new_empty((1, pieces[0].shape[1], height * out_per_latent,
-                                  width * out_per_latent))
-    for (top, left, bottom, right), piece in zip(boxes, pieces):
-        output[:, :, top * out_per_latent:bottom * out_per_latent,
-               left * out_per_latent:right * out_per_latent] = piece
+                for box, piece in zip(boxes, pool.map(run, boxes)):
+                    place(box, piece)
     return output
 
 

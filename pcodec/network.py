@@ -81,6 +81,10 @@ def nested_intervals(y_star: torch.Tensor, steps: torch.Tensor, layer_of: torch.
     y_star: (B, M, H, W); steps: (L, M); layer_of: (B,) in 1..L. Which sub-interval holds y*
     is decided without gradient; the bounds are differentiable functions of the step sizes,
     so the steps learn from the partition they really produce.
+
+    Each image's interval gets gradient only from its own layer's steps (the parent interval
+    enters detached): otherwise every finer layer's λ pulls the coarse steps finer through
+    the nesting, and layer 1's rate drifted from 0.15 to 0.30 bpp in training.
     """
     decide = y_star.detach()
     step = steps[0].view(1, -1, 1, 1)
@@ -88,7 +92,8 @@ def nested_intervals(y_star: torch.Tensor, steps: torch.Tensor, layer_of: torch.
     lower, upper = (q - 0.5) * step, (q + 0.5) * step
     picked_lower, picked_upper = lower, upper
     for layer in range(1, int(layer_of.max())):
-        lower, upper = split_interval(decide, lower, upper, steps[layer].view(1, -1, 1, 1))
+        lower, upper = split_interval(decide, lower.detach(), upper.detach(),
+                                      steps[layer].view(1, -1, 1, 1))
         use = (layer_of > layer).view(-1, 1, 1, 1)
         picked_lower = torch.where(use, lower, picked_lower)
         picked_upper = torch.where(use, upper, picked_upper)

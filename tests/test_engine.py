@@ -84,6 +84,35 @@ def test_tiled_transforms_match_untiled(model):
                               tiled(model.network.synthesis, y, 16, tile=6, margin=4), atol=1e-4)
 
 
+def test_transforms_record_no_autograd_graph_in_any_thread(model):
+    """Grad mode is per thread, so torch.no_grad() in the caller does not reach the tiles'
+    worker threads: the transforms themselves must not build graphs that hold every
+    activation (a 4K decode peaked at 9 GB that way)."""
+    import threading
+
+    import torch
+
+    y = torch.zeros(1, model.network.g_s[0].in_channels, 4, 4)
+    x = torch.zeros(1, 3, 64, 64)
+    outputs = []
+    worker = threading.Thread(target=lambda: outputs.extend(
+        [model.network.synthesis(y), model.network.analysis(x), model.hyper_synthesis(
+            torch.zeros(1, model.network.h_s[0].in_channels, 1, 1, dtype=torch.float64))]))
+    worker.start()
+    worker.join()
+    assert len(outputs) == 3 and not any(out.requires_grad for out in outputs)
+
+
+def test_banded_prior_equals_one_pass_bit_for_bit(model):
+    import torch
+
+    z_hat = np.random.default_rng(3).integers(-6, 7, (model.config["N"], 11, 7))
+    with torch.no_grad():
+        whole = model.hyper_synthesis(torch.from_numpy(z_hat.astype(np.float64))[None])[0].numpy()
+    for band in (1, 3, 8):
+        assert np.array_equal(engine.hyper_synthesis_banded(model, z_hat, band), whole)
+
+
 def test_fast_transforms_match_float32_layers(model):
     """Channels-last, the bf16 body and the sub-pixel last layer stay within a pixel level
     (a small fraction on average) of the plain float32 layers the weights were loaded into."""
