@@ -70,15 +70,25 @@ def split_counts(lower: np.ndarray, upper: np.ndarray, step: np.ndarray):
 
 def split_bounds(lower, upper, step, count, stretched, width_out: int) -> np.ndarray:
     """Boundaries (E, width_out+1) of every element's sub-intervals; entries past an element's
-    count repeat its upper bound (zero-width, zero-probability padding)."""
-    k = np.arange(width_out + 1, dtype=np.int64)[None, :]
-    lower, upper, step = lower[:, None], upper[:, None], step[:, None]
-    count, stretched = count[:, None], stretched[:, None]
-    even = lower + (k * (upper - lower)) // count
-    centred = (lower + upper + (2 * k - count) * step) // 2
-    bounds = np.where(stretched, even, centred)
-    bounds = np.where(k == 0, lower, bounds)
-    return np.where(k >= count, upper, bounds)
+    count repeat its upper bound (zero-width, zero-probability padding).
+
+    Centred split: bound k is (lower + upper + (2k - count)·step) // 2, which lies at or
+    beyond the interval's ends for k = 0 and k ≥ count, so a clip to [lower, upper] gives
+    the ends and the padding. Stretched split: lower + k·width // count (rare, done apart).
+    """
+    k = np.arange(width_out + 1, dtype=np.int64)
+    bounds = (2 * k[None, :] - count[:, None]) * step[:, None]
+    bounds += (lower + upper)[:, None]
+    bounds >>= 1  # floor division by 2
+    rows = np.nonzero(stretched)[0]
+    if len(rows):
+        bounds[rows] = lower[rows, None] + (k * (upper - lower)[rows, None]) // count[rows, None]
+    np.clip(bounds, lower[:, None], upper[:, None], out=bounds)
+    if width_out >= MAX_SPLIT:  # a split capped at MAX_SPLIT cells: the end cells take the rest
+        capped = np.nonzero(count == MAX_SPLIT)[0]
+        bounds[capped, 0] = lower[capped]
+        bounds[capped, MAX_SPLIT:] = upper[capped, None]
+    return bounds
 
 
 def sub_interval_index(bounds: np.ndarray, count: np.ndarray, y_units: np.ndarray) -> np.ndarray:

@@ -35,6 +35,9 @@ class TrainConfig:
     decay_start: int = 10**9  # step at which the learning rate starts its cosine decay
     decay_steps: int = 20000
     aux_lr: float = 1e-3
+    # The step sizes learn this much faster than the weights: at the base rate Adam moves a
+    # log-step by ≈ lr per step, thousands of steps to follow a changed objective.
+    step_lr_scale: float = 10.0
     clip: float = 1.0
     lambdas: tuple = LAMBDA_LADDER
     autocast: bool = True  # bf16 transforms, fp32 entropy models
@@ -111,6 +114,21 @@ def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas):
     return loss, bpp.detach(), mse.detach()
 
 
+def load_optimizer_state(optimizer, params, saved: dict):
+    """Adam state from a checkpoint; one written before the step sizes had their own group
+    (a single group over `params`) is carried over parameter by parameter."""
+    import torch
+
+    if len(saved["param_groups"]) == len(optimizer.param_groups):
+        optimizer.load_state_dict(saved)
+        return
+    legacy = torch.optim.Adam(params)
+    legacy.load_state_dict(saved)
+    for param in params:
+        if param in legacy.state:
+            optimizer.state[param] = legacy.state[param]
+
+
 def save_atomic(obj, path: Path):
     import torch
 
@@ -133,13 +151,15 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     model = HyperpriorNetwork(net_config)
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    optimizer = torch.optim.Adam(main_params, lr=config.lr)
+    optimizer = torch.optim.Adam(
+        [{"params": [p for p in main_params if p is not model.log_steps], "lr_scale": 1.0},
+         {"params": [model.log_steps], "lr_scale": config.step_lr_scale}], lr=config.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
     state = {"step": 0, "seconds": 0.0, "images": 0, "history": []}
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, main_params, checkpoint["optimizer"])
         aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
         state = checkpoint["state"]
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
@@ -170,7 +190,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         step_start = time.perf_counter()
         lr = learning_rate(config, state["step"])
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         batch = torch.from_numpy(sampler.batch(config.batch)).permute(0, 3, 1, 2).float() / 255
         if config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)

@@ -104,3 +104,29 @@ def test_training_reconstruction_matches_decoder_reconstruction():
     as_t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     training = conditional_mean(as_t(lower), as_t(upper), as_t(sigma)).numpy()
     assert np.allclose(training, decoder, rtol=1e-9, atol=1e-6)
+
+
+def reference_split_bounds(lower, upper, step, count, stretched, width_out):
+    """The rule as first written, one np.where per case (quant.split_bounds is the fast form)."""
+    k = np.arange(width_out + 1, dtype=np.int64)[None, :]
+    lower, upper, step = lower[:, None], upper[:, None], step[:, None]
+    count, stretched = count[:, None], stretched[:, None]
+    even = lower + (k * (upper - lower)) // count
+    centred = (lower + upper + (2 * k - count) * step) // 2
+    bounds = np.where(stretched, even, centred)
+    bounds = np.where(k == 0, lower, bounds)
+    return np.where(k >= count, upper, bounds)
+
+
+def test_fast_split_bounds_equal_the_reference_rule():
+    rng = np.random.default_rng(7)
+    lower, upper, step = random_intervals(rng, 50000)
+    # also splits capped at MAX_SPLIT cells and far-from-zero intervals
+    lower = np.concatenate([lower, [-(10**9), 5, 0]])
+    upper = np.concatenate([upper, [-(10**9) + 16 * 300, 5 + 7 * 200, 1]])
+    step = np.concatenate([step, [16, 7, 1]])
+    count, stretched = quant.split_counts(lower, upper, step)
+    assert count.max() == quant.MAX_SPLIT and stretched.any() and (~stretched).any()
+    for width in (int(count.max()), int(count.max()) + 3):
+        assert np.array_equal(quant.split_bounds(lower, upper, step, count, stretched, width),
+                              reference_split_bounds(lower, upper, step, count, stretched, width))
