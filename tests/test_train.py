@@ -1,0 +1,54 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import synthetic_image
+
+from pcodec import engine, train
+from pcodec.evaluate import psnr
+from pcodec.models import load_weights_file
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(3):
+        Image.fromarray(synthetic_image(80, 96, seed)).save(folder / f"{seed}.png")
+    return folder
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_its_floor():
+    config = train.CONFIGS["hp128"]
+    rates = [train.learning_rate(config, s) for s in range(0, config.steps + 1, 100)]
+    assert rates[0] < rates[1] < rates[2] == config.lr
+    assert train.learning_rate(config, config.decay_start) == pytest.approx(config.lr)
+    decay = rates[config.decay_start // 100:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert rates[-1] == pytest.approx(config.lr_final)
+
+
+def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    run = tmp_path / "run"
+    train.train(config, photos, run, 2, None, None)
+    first = json.loads((run / "train.log").read_text().splitlines()[-1])
+    assert first["step"] == 2
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stream:
+        _, state = train.train(config, photos, run, 4, None, None, log=stream)
+    assert "resumed" in log.read_text() and state["step"] == 4
+    assert [r["step"] for r in state["history"]] == [2, 4]
+
+    models = tmp_path / "models"
+    entry = train.export_model(run, "tiny-run", None, "test", models_folder=models)
+    assert entry["training"]["steps"] == 4
+    assert json.loads((models / "manifest.json").read_text())["default"] == "tiny-run"
+    weights = load_weights_file(models / "tiny-run.pt")
+    image = synthetic_image(40, 56, 5)
+    decoded = engine.decode(weights, engine.encode(weights, image))
+    assert decoded.shape == image.shape and np.isfinite(psnr(image, decoded))
