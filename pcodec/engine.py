@@ -189,9 +189,9 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
     candidates = []
     for start in range(0, len(state.lower), CHUNK * 8):  # in slices: bounded temporaries
         part = slice(start, start + CHUNK * 8)
-        counts, _ = quant.split_counts(state.lower[part], state.upper[part],
-                                       model.int_steps[layer][state.channel[part]])
-        candidates.append(start + np.nonzero(state.coded[part] & (counts > 1))[0])
+        split = quant.splits(state.lower[part], state.upper[part],
+                             model.int_steps[layer][state.channel[part]])
+        candidates.append(start + np.nonzero(state.coded[part] & split)[0])
     candidates = np.concatenate(candidates)
     keep = len(candidates) <= TABLE_CACHE_ELEMENTS
 

@@ -68,6 +68,12 @@ def split_counts(lower: np.ndarray, upper: np.ndarray, step: np.ndarray):
     return np.minimum(count, MAX_SPLIT), stretched
 
 
+def splits(lower: np.ndarray, upper: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """split_counts(...)[0] > 1 in one comparison: an interval is split unless the part
+    beyond one step is a sliver (or nothing) that the boundary-aware rule merges."""
+    return SLIVER_DEN * (upper - lower - step) >= SLIVER_NUM * 2 * step
+
+
 def split_bounds(lower, upper, step, count, stretched, width_out: int) -> np.ndarray:
     """Boundaries (E, width_out+1) of every element's sub-intervals; entries past an element's
     count repeat its upper bound (zero-width, zero-probability padding).

@@ -31,6 +31,15 @@ def test_split_tiles_parent_interval_exactly():
     assert (10 * edge >= 3 * step[normal] - 10).all()
 
 
+def test_splits_tells_exactly_which_intervals_split():
+    rng = np.random.default_rng(4)
+    lower, upper, step = random_intervals(rng, 50000)
+    upper = np.concatenate([upper, lower[:2000] + step[:2000] + rng.integers(-2, 3, 2000)])
+    lower, step = np.concatenate([lower, lower[:2000]]), np.concatenate([step, step[:2000]])
+    count, _ = quant.split_counts(lower, upper, step)
+    assert np.array_equal(quant.splits(lower, upper, step), count > 1)
+
+
 def test_index_finds_the_holding_sub_interval():
     rng = np.random.default_rng(1)
     lower, upper, step = random_intervals(rng, 5000)
