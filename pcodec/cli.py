@@ -160,6 +160,10 @@ max_pixels_option = click.option(
     help="Refuse images larger than this many pixels [default: 33554432, or $PCODEC_MAX_PIXELS].")
 overwrite_option = click.option("--no-overwrite", is_flag=True,
                                 help="Fail instead of replacing an existing output file.")
+device_option = click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+    help="Where the transforms run; probabilities and coding stay on the CPU, so streams "
+         "decode the same anywhere.")
 jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
                            help="Worker processes for several inputs (they share the cores).")
 
@@ -187,17 +191,19 @@ def main(ctx, quiet):
               help="Code only the first K layers [default: all].")
 @max_pixels_option
 @overwrite_option
+@device_option
 @jobs_option
 @click.pass_obj
-def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite, jobs):
+def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite, device, jobs):
     """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
     batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_encode_one, inputs, output, len(inputs), model_id, layers, max_pixels,
-                  no_overwrite, obj["quiet"])
+                  no_overwrite, obj["quiet"], device)
     batch.finish()
 
 
-def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite, quiet) -> str:
+def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite, quiet,
+                device="cpu") -> str:
     from . import engine, models
     from .imageio import max_pixels as pixel_limit
     from .imageio import read_image, write_bytes
@@ -207,7 +213,7 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite,
     _check_not_input(path, out)
     pixels = read_image(path, pixel_limit(max_pixels),
                         (lambda message: None) if quiet else (lambda m: _say(f"pcodec: warning: {m}")))
-    model = models.load(model_id)
+    model = models.load(model_id, device)
     if layers is not None and layers > model.layers:
         raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
     data = engine.encode(model, pixels, layers)
@@ -232,18 +238,20 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite,
               help="Reconstruct at interval midpoints instead of the prior's conditional mean.")
 @max_pixels_option
 @overwrite_option
+@device_option
 @jobs_option
 @click.pass_obj
-def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, no_overwrite, jobs):
+def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, no_overwrite,
+           device, jobs):
     """Decode .pcb streams ('-' for stdin) to images."""
     batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_decode_one, inputs, output, len(inputs), layers, max_bytes, partial, midpoint,
-                  max_pixels, no_overwrite)
+                  max_pixels, no_overwrite, device)
     batch.finish()
 
 
 def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_pixels,
-                no_overwrite) -> str:
+                no_overwrite, device="cpu") -> str:
     from . import engine, models
     from .imageio import encode_image, read_bytes, write_bytes
     from .imageio import max_pixels as pixel_limit
@@ -256,7 +264,7 @@ def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_p
     data = read_bytes(path)
     limit = pixel_limit(max_pixels)
     header, _ = container.parse_header(data, limit)
-    model = models.load(header.model_id)
+    model = models.load(header.model_id, device)
     pixels, header, payloads, partial_flags = engine.decode_detailed(
         model, data, layers, max_bytes, partial, not midpoint, limit)
     write_bytes(out, encode_image(pixels, out), overwrite=not no_overwrite)

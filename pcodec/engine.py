@@ -399,8 +399,10 @@ def tiled(transform, source, factor: float, tile: int = TILE_LATENTS, margin: in
         output[:, :, top * out_per_latent:bottom * out_per_latent,
                left * out_per_latent:right * out_per_latent] = piece
 
+    device = getattr(getattr(transform, "__self__", None), "device", None)
+    on_cpu = device is None or device.type == "cpu"
     with single_threaded() as workers:
-        if len(boxes) == 1 or workers == 1:
+        if len(boxes) == 1 or workers == 1 or not on_cpu:  # a GPU takes tiles one by one
             for box in boxes:
                 place(box, run(box))
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RuntimeIOError, StreamError
+from .errors import RuntimeIOError, StreamError, UsageError
 
 Z_RANGE = 64  # hyper-latent symbols -Z_RANGE..Z_RANGE; the two ends are escapes
 Z_TABLE_TOTAL = 1 << 16
@@ -111,8 +111,9 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
 
 
 @lru_cache(maxsize=4)
-def load(model_id: str | None = None) -> LoadedModel:
-    """A registered model by id (default: the manifest's default)."""
+def load(model_id: str | None = None, device: str = "cpu") -> LoadedModel:
+    """A registered model by id (default: the manifest's default), its transforms on
+    `device` ("cpu" or "cuda"; the prior and the coder always run on the CPU)."""
     entries = manifest()["models"]
     model_id = model_id or default_model_id()
     if model_id not in entries:
@@ -121,4 +122,11 @@ def load(model_id: str | None = None) -> LoadedModel:
     path = models_dir() / entries[model_id]["file"]
     if not path.exists():
         raise RuntimeIOError(f"model weights {path} are missing")
-    return load_weights_file(path, model_id)
+    model = load_weights_file(path, model_id)
+    if device != "cpu":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch sees no CUDA device")
+        model.network.place(device)
+    return model

@@ -190,6 +190,18 @@ def test_usage_errors_exit_2(workdir):
     assert pcodec("frobnicate", cwd=workdir).exit_code == 2
 
 
+def test_device_option(workdir):
+    import torch
+
+    assert pcodec("encode", "img.png", "-o", "a.pcb", "--device", "cpu", cwd=workdir).exit_code == 0
+    assert pcodec("encode", "img.png", "-o", "b.pcb", cwd=workdir).exit_code == 0
+    assert (workdir / "a.pcb").read_bytes() == (workdir / "b.pcb").read_bytes()
+    if not torch.cuda.is_available():
+        result = pcodec("encode", "img.png", "-o", "c.pcb", "--device", "cuda", cwd=workdir)
+        assert result.exit_code == 2 and "no CUDA device" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (workdir / "c.pcb").exists()
+
+
 IMAGE_KINDS = {
     "gray": lambda a, p: save(a, p, "L"),
     "palette": lambda a, p: save(a, p, "P"),
