@@ -369,7 +369,10 @@ def pcodec_rows(model, image: np.ndarray, cuts: int):
 # -- the run -------------------------------------------------------------------------------
 
 def run_bench(folder: Path, out_dir: Path, limit: int | None, cuts: int, codecs: list[str] | None,
-              progress=True) -> dict:
+              progress=True, reuse: Path | None = None) -> dict:
+    """RD rows of every selected codec on every image; with `reuse`, the other codecs' rows
+    for the same images come from an earlier bench.json (the peers are deterministic: after
+    new weights, `--codec pcodec --reuse` re-runs 8 of the 23 minutes)."""
     from PIL import Image
 
     from . import models
@@ -416,7 +419,20 @@ def run_bench(folder: Path, out_dir: Path, limit: int | None, cuts: int, codecs:
                 _progress(done, total, started, f"{path.name} {peer.name.split(' (')[0]}", progress)
     if progress:
         print(file=sys.stderr)
+    reused = {}
+    if reuse is not None:
+        ran = {row["codec"] for row in rows} | {p.name for p in peers}
+        names = {p.name for p in files}
+        earlier = json.loads(Path(reuse).read_text())
+        for row in earlier["rows"]:
+            if row["codec"] not in ran and row["image"] in names:
+                rows.append(row)
+                reused[row["codec"]] = str(reuse)
+        for name in reused:
+            if name in earlier.get("bench_seconds", {}):
+                seconds[name] = earlier["bench_seconds"][name]
     result = summarize(rows, len(files))
+    result["reused_from"] = reused
     result["skipped"] = skipped
     result["bench_seconds"] = {name: round(value, 1) for name, value in seconds.items()}
     result["images"] = [p.name for p in files]

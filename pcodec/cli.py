@@ -367,9 +367,11 @@ def info(obj, inputs, as_json, max_pixels):
               help="Byte offsets per pcodec stream (log-spaced).")
 @click.option("--codec", "codecs", multiple=True,
               help="Only codecs whose name contains this (repeatable; 'pcodec' for ours).")
+@click.option("--reuse", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Take the codecs not run now from an earlier bench.json.")
 @click.option("--speed", is_flag=True,
               help="Measure speed instead: stage times, images/s, start-up, peak memory.")
-def bench(folder, out_dir, limit, cuts, codecs, speed):
+def bench(folder, out_dir, limit, cuts, codecs, reuse, speed):
     """Rate–distortion and speed of pcodec and the classical codecs on a folder of images."""
     from . import bench as bench_module
 
@@ -379,8 +381,10 @@ def bench(folder, out_dir, limit, cuts, codecs, speed):
         click.echo(f"\n{out_dir}/speed.json")
         return
     result = bench_module.run_bench(folder, out_dir, limit, cuts, list(codecs) or None,
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), reuse=reuse)
     click.echo(bench_module.table(result))
+    for codec, source in sorted(result["reused_from"].items()):
+        click.echo(f"{codec}: rows reused from {source}")
     click.echo(f"\n{out_dir}/bench.json, {out_dir}/rd.png")
 
 

@@ -53,3 +53,29 @@ def test_ms_ssim_equals_pytorch_msssim():
         assert abs(bench.ms_ssim(a, b) - expected) < 1e-5
     assert bench.ms_ssim(a, a) == pytest.approx(1.0)
     assert bench.ms_ssim(a[:100], b[:100]) is None
+
+
+def test_reuse_takes_the_codecs_not_run_from_an_earlier_run(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from pcodec.bench import REFERENCE, run_bench
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / name)
+    rows = [{"image": image, "codec": codec, "bytes": 100 * k, "bpp": k * gain, "psnr": 20 + 3 * k,
+             "ms_ssim": None, "encode_s": 0.1, "decode_s": 0.1}
+            for image in ("a.png", "b.png", "elsewhere.png")
+            for codec, gain in ((REFERENCE, 1.0), ("Other", 1.5)) for k in (1, 2, 3, 4)]
+    earlier = tmp_path / "bench.json"
+    earlier.write_text(json.dumps({"rows": rows, "bench_seconds": {"Other": 7.0}}))
+    result = run_bench(folder, tmp_path / "out", None, 2, ["no codec has this name"],
+                       progress=False, reuse=earlier)
+    assert set(result["reused_from"]) == {REFERENCE, "Other"}
+    assert result["bench_seconds"] == {"Other": 7.0}
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert len(saved["rows"]) == 16  # the two images of this folder only
+    assert abs(result["bd_rate_percent"]["Other"][REFERENCE] - 50.0) < 1e-6
