@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, container
+from . import __version__, api, container
 from .errors import PcodecError, UsageError
 
 STDIO = "-"
@@ -321,33 +321,16 @@ def info(obj, inputs, as_json, max_pixels):
     batch = Batch(obj["quiet"], len(inputs))
 
     def one(path):
-        data = read_bytes(path)
-        header, header_length = container.parse_header(data, pixel_limit(max_pixels))
-        container.split_sections(data, header, header_length)  # lengths and CRCs
-        total = header_length + header.payload_length
-        pixels = header.width * header.height
-        sections, offset = [], header_length
-        for index, section in enumerate(header.sections):
-            offset += section.length
-            sections.append({
-                "name": "hyper" if index == 0 else f"layer {index}", "bytes": section.length,
-                "partial": section.partial, "crc32": f"{section.crc:08x}",
-                "cumulative_bytes": offset, "cumulative_bpp": round(8 * offset / pixels, 5)})
-        document = {
-            "file": path, "format_version": container.VERSION, "width": header.width,
-            "height": header.height, "model": header.model_id,
-            "weights_digest": header.weights_digest.hex(), "layers": header.layers,
-            "header_bytes": header_length, "total_bytes": total,
-            "bpp": round(8 * total / pixels, 5), "sections": sections}
-        document["status"] = "cut" if any(s.partial for s in header.sections) else "complete"
+        document = {"file": path, **api.info(read_bytes(path), pixel_limit(max_pixels))}
         if as_json:
             click.echo(json.dumps(document))
             return
-        click.echo(f"{path}: pcb v{container.VERSION}, {header.width}x{header.height}, model "
-                   f"{header.model_id} ({document['weights_digest']}), {header.layers} layers, "
-                   f"{total} bytes ({document['bpp']} bpp), {document['status']}")
-        click.echo(f"  header            {header_length:>9} bytes")
-        for entry in sections:
+        d = document
+        click.echo(f"{path}: pcb v{d['format_version']}, {d['width']}x{d['height']}, model "
+                   f"{d['model']} ({d['weights_digest']}), {d['layers']} layers, "
+                   f"{d['total_bytes']} bytes ({d['bpp']} bpp), {d['status']}")
+        click.echo(f"  header            {d['header_bytes']:>9} bytes")
+        for entry in d["sections"]:
             flag = " partial" if entry["partial"] else ""
             click.echo(f"  {entry['name']:<16}  {entry['bytes']:>9} bytes  up to "
                        f"{entry['cumulative_bytes']:>9} bytes = {entry['cumulative_bpp']:.4f} bpp"
