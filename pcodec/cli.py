@@ -189,21 +189,28 @@ def main(ctx, quiet):
 @click.option("--model", "model_id", default=None, help="Model id from models/manifest.json.")
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Code only the first K layers [default: all].")
+@click.option("--bytes", "max_bytes", type=click.IntRange(min=1), default=None,
+              help="At most N bytes per file (the stream is cut there, as truncate does).")
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="At most B bits per pixel per file (the same cut, sized per image).")
 @max_pixels_option
 @overwrite_option
 @device_option
 @jobs_option
 @click.pass_obj
-def encode(obj, inputs, output, model_id, layers, max_pixels, no_overwrite, device, jobs):
+def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, max_pixels, no_overwrite,
+           device, jobs):
     """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
+    if max_bytes is not None and bpp is not None:
+        raise click.UsageError("give --bytes or --bpp, not both")
     batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_encode_one, inputs, output, len(inputs), model_id, layers, max_pixels,
-                  no_overwrite, obj["quiet"], device)
+                  no_overwrite, obj["quiet"], device, max_bytes, bpp)
     batch.finish()
 
 
 def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite, quiet,
-                device="cpu") -> str:
+                device="cpu", max_bytes=None, bpp=None) -> str:
     from . import engine, models
     from .imageio import max_pixels as pixel_limit
     from .imageio import read_image, write_bytes
@@ -217,9 +224,14 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite,
     if layers is not None and layers > model.layers:
         raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
     data = engine.encode(model, pixels, layers)
-    write_bytes(out, data, overwrite=not no_overwrite)
     height, width = pixels.shape[:2]
-    return _stats(path, out, len(data), width, height, layers or model.layers,
+    if bpp is not None:
+        max_bytes = int(bpp * width * height / 8)
+    if max_bytes is not None:
+        data = container.truncate(data, None, max_bytes, width * height)
+    write_bytes(out, data, overwrite=not no_overwrite)
+    return _stats(path, out, len(data), width, height,
+                  container.parse_header(data, width * height)[0].layers,
                   time.perf_counter() - start)
 
 

@@ -190,6 +190,21 @@ def test_usage_errors_exit_2(workdir):
     assert pcodec("frobnicate", cwd=workdir).exit_code == 2
 
 
+def test_encode_to_a_byte_budget_equals_encode_then_truncate(workdir):
+    assert pcodec("encode", "img.png", "-o", "full.pcb", cwd=workdir).exit_code == 0
+    assert pcodec("truncate", "full.pcb", "--bytes", "3000", "-o", "cut.pcb",
+                  cwd=workdir).exit_code == 0
+    assert pcodec("encode", "img.png", "--bytes", "3000", "-o", "a.pcb", cwd=workdir).exit_code == 0
+    assert (workdir / "a.pcb").read_bytes() == (workdir / "cut.pcb").read_bytes()
+    width, height = Image.open(workdir / "img.png").size
+    assert pcodec("encode", "img.png", "--bpp", "0.5", "-o", "b.pcb", cwd=workdir).exit_code == 0
+    budget = width * height // 16
+    assert budget - 2 <= (workdir / "b.pcb").stat().st_size <= budget
+    assert pcodec("encode", "img.png", "--bpp", "1", "--bytes", "9", cwd=workdir).exit_code == 2
+    result = pcodec("encode", "img.png", "--bytes", "10", "-o", "c.pcb", cwd=workdir)
+    assert result.exit_code == 2 and not (workdir / "c.pcb").exists()
+
+
 def test_device_option(workdir):
     import torch
 
