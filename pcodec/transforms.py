@@ -126,7 +126,8 @@ class Transforms(nn.Module):
         the CPU, where everything that decides probabilities is computed, so streams are the
         same format and decode anywhere."""
         self.device = torch.device(device)
-        self.to(self.device)
+        for module in (self.g_a, self.g_s_body, self.g_s_last):  # h_a, h_s stay on the CPU
+            module.to(self.device)
         if self.device.type == "cuda":
             self.bf16 = torch.cuda.is_bf16_supported()
         return self
