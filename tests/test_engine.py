@@ -147,3 +147,18 @@ def test_stream_does_not_depend_on_table_caching(model, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 1 << 15)
     assert engine.encode(model, image) == cached
     assert (engine.decode(model, cached) == engine.decode(model, cached)).all()
+
+
+def test_placed_transforms_give_the_same_stream():
+    """place() is what --device uses; on the CPU device it must change nothing."""
+    from conftest import ROOT
+
+    from pcodec.models import load_weights_file
+
+    plain = load_weights_file(ROOT / "tests" / "data" / "tiny-test.pt")
+    placed = load_weights_file(ROOT / "tests" / "data" / "tiny-test.pt")
+    placed.network.place("cpu")
+    image = synthetic_image(70, 90, seed=4)
+    stream = engine.encode(plain, image)
+    assert engine.encode(placed, image) == stream
+    assert np.array_equal(engine.decode(placed, stream), engine.decode(plain, stream))
