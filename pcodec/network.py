@@ -85,10 +85,16 @@ def nested_intervals(y_star: torch.Tensor, steps: torch.Tensor, layer_of: torch.
     Each image's interval gets gradient only from its own layer's steps (the parent interval
     enters detached): otherwise every finer layer's λ pulls the coarse steps finer through
     the nesting, and layer 1's rate drifted from 0.15 to 0.30 bpp in training.
+
+    Layer 1's index q = round(y*/s) also passes gradient to s as in LSQ (Esser et al. 2020):
+    ∂bound/∂s = q ± 1/2 - y*/s. Without it an element in the zero cell, the common case at
+    the coarsest step, reconstructs to 0 for every s, the loss never sees what a coarser
+    step costs, and s grew until layer 1 lost 4 dB (kodim23: 27.4 → 23.5 dB at the same rate).
     """
     decide = y_star.detach()
     step = steps[0].view(1, -1, 1, 1)
-    q = torch.round(decide / step.detach())
+    ratio = decide / step
+    q = torch.round(ratio.detach()) + (ratio - ratio.detach())  # = round(y*/s), LSQ gradient
     lower, upper = (q - 0.5) * step, (q + 0.5) * step
     picked_lower, picked_upper = lower, upper
     for layer in range(1, int(layer_of.max())):
