@@ -124,6 +124,10 @@ def split_interval(y_star, lower, upper, step):
         offset = torch.maximum(torch.minimum(offset, full + 1), -(full + 1))
     width = upper - lower
     centre = (lower + upper) / 2
+    # The offset passes an LSQ gradient to the step, as layer 1's index does (see
+    # nested_intervals): the central cell's bounds then move with the step as its error does.
+    ratio = (y_star.detach() - centre.detach()) / step
+    offset = offset + (ratio - ratio.detach())
     cell = width / (2 * full + 1)
     lower_s = lower + index_s * cell
     lower_n = torch.maximum(lower, centre + (offset - 0.5) * step)
