@@ -37,7 +37,9 @@ def cases():
             ("b", TEST_MODEL_ID, 1, 1, 2, [{}]),
             ("c", TEST_MODEL_ID, 70, 9, 3, [{}, {"layers": 0}]),
             # the first shipped weights (session 1), on a small image to keep the file small
-            ("hp128-dhq8", "hp128-dhq8", 48, 80, 4, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("hp128-dhq8", "hp128-dhq8", 48, 80, 4, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # session 2's weights, the default until session 3
+            ("hp128-dhq8-r2", "hp128-dhq8-r2", 48, 80, 5, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
