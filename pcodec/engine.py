@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -370,13 +371,15 @@ def _splits(size: int, tile: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def tiled(transform, source, factor: float, tile: int | None = None, margin: int = TILE_MARGIN):
+def tiled(transform, source, factor: float, tile: int | None = None, margin: int = TILE_MARGIN,
+          parallel: bool = True):
     """Run a convolutional transform over a (1, C, H, W) tensor in overlapping tiles.
 
     Tiles are at most `tile` latents a side (a latent is 16 pixels), with `margin` latents of context
     on each side, more than the transforms' receptive field, so each tile's centre equals the
     untiled result and memory stays bounded for any image size. `factor` is the transform's
     scale in latents per source unit: 1/16 for the analysis, 16 for the synthesis.
+    `parallel=False` runs the tiles one by one (a GPU does).
 
     Each tile runs single-threaded and tiles run in parallel on torch's thread count: a
     multi-threaded convolution sums in an order that depends on the thread count, which
@@ -412,10 +415,8 @@ def tiled(transform, source, factor: float, tile: int | None = None, margin: int
         output[:, :, top * out_per_latent:bottom * out_per_latent,
                left * out_per_latent:right * out_per_latent] = piece
 
-    device = getattr(getattr(transform, "__self__", None), "device", None)
-    on_cpu = device is None or device.type == "cpu"
     with single_threaded() as workers:
-        if len(boxes) == 1 or workers == 1 or not on_cpu:  # a GPU takes tiles one by one
+        if len(boxes) == 1 or workers == 1 or not parallel:
             for box in boxes:
                 place(box, run(box))
         else:
@@ -428,15 +429,22 @@ def tiled(transform, source, factor: float, tile: int | None = None, margin: int
     return output
 
 
-def _release_freed_memory():
-    """Give the worker threads' freed heap back to the system (glibc keeps a heap per
-    thread and holds on to what the tiles freed: 0.3 GB after a 4K analysis)."""
+@lru_cache(maxsize=1)
+def _malloc_trim():
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return None
+
+
+def _release_freed_memory():
+    """Give the worker threads' freed heap back to the system (glibc keeps a heap per
+    thread and holds on to what the tiles freed: 0.3 GB after a 4K analysis)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def analyse(model: LoadedModel, image: np.ndarray):
@@ -444,7 +452,7 @@ def analyse(model: LoadedModel, image: np.ndarray):
     torch = _torch()
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        y = tiled(model.network.analysis, x, 1 / 16)
+        y = tiled(model.network.analysis, x, 1 / 16, parallel=model.network.on_cpu)
         del x
         with single_threaded():  # small, and thread-count independent like the rest
             z = model.network.h_a(y)
@@ -505,30 +513,32 @@ def decode_latents(model: LoadedModel, header: container.Header, payloads, parti
 
 def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
                conditional_mean: bool = True) -> np.ndarray:
-    with stage("reconstruction"):
-        y_hat = _reconstruct_latent(model, state, conditional_mean).reshape(state.mu.shape)
-    return _render(model, y_hat, height, width)
+    return _render(model, _reconstruct_latent(model, state, conditional_mean), height, width)
 
 
 def _render(model: LoadedModel, y_hat: np.ndarray, height: int, width: int) -> np.ndarray:
     """Pixels (height, width, 3) uint8 from the reconstructed latent (M, h, w)."""
     torch = _torch()
     with stage("synthesis transform"), torch.no_grad():
-        x = tiled(model.network.synthesis, torch.from_numpy(y_hat)[None], 16)
+        x = tiled(model.network.synthesis, torch.from_numpy(y_hat)[None], 16,
+                  parallel=model.network.on_cpu)
     pixels = x[0].mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # in place: large images
     return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()[:height, :width])
 
 
 def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean: bool):
-    y_hat = state.mu.reshape(-1).copy()
-    for start in range(0, len(y_hat), CHUNK * 4):
-        part = slice(start, start + CHUNK * 4)
-        y_star = quant.reconstruct(state.lower[part], state.upper[part],
-                                   state.sigma_units(model, part), state.coded[part],
-                                   conditional_mean) * model.unit[state.channel[part]]
-        y_hat[part] += y_star.astype(np.float32)
-    # A damaged stream with valid CRCs can decode absurd values; keep them finite.
-    return np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
+    """ŷ (M, h, w) float32 from the intervals."""
+    with stage("reconstruction"):
+        y_hat = state.mu.reshape(-1).copy()
+        for start in range(0, len(y_hat), CHUNK * 4):
+            part = slice(start, start + CHUNK * 4)
+            y_star = quant.reconstruct(state.lower[part], state.upper[part],
+                                       state.sigma_units(model, part), state.coded[part],
+                                       conditional_mean) * model.unit[state.channel[part]]
+            y_hat[part] += y_star.astype(np.float32)
+        # A damaged stream with valid CRCs can decode absurd values; keep them finite.
+        y_hat = np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)
+    return y_hat.reshape(state.mu.shape)
 
 
 def decode_prefixes(model: LoadedModel, data: bytes, sizes):
@@ -612,8 +622,7 @@ def decode_detailed(model: LoadedModel, data: bytes, layers: int | None = None,
     header, payloads, partial = read_stream(model, data, layers, max_bytes, allow_partial,
                                             max_pixels)
     *_, (_, state) = decode_latents(model, header, payloads, partial)  # the final state
-    with stage("reconstruction"):
-        y_hat = _reconstruct_latent(model, state, conditional_mean).reshape(state.mu.shape)
+    y_hat = _reconstruct_latent(model, state, conditional_mean)
     del state  # the intervals are done with: ~0.2 GB for a 4K image, freed before synthesis
     pixels = _render(model, y_hat, header.height, header.width)
     return pixels, header, payloads, partial

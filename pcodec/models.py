@@ -122,11 +122,12 @@ def load(model_id: str | None = None, device: str = "cpu") -> LoadedModel:
     path = models_dir() / entries[model_id]["file"]
     if not path.exists():
         raise RuntimeIOError(f"model weights {path} are missing")
-    model = load_weights_file(path, model_id)
-    if device != "cpu":
+    if device.startswith("cuda"):
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: this torch sees no CUDA device")
+    model = load_weights_file(path, model_id)
+    if device != "cpu":
         model.network.place(device)
     return model

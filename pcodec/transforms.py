@@ -121,6 +121,10 @@ class Transforms(nn.Module):
         self.requires_grad_(False)
         self.device = torch.device("cpu")
 
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
     def place(self, device: str):
         """Run the transforms on another device (e.g. "cuda"). Inputs and outputs stay on
         the CPU, where everything that decides probabilities is computed, so streams are the
