@@ -76,6 +76,8 @@ def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
         channel = np.tile(np.arange(channels), levels)
         cached = quant.first_layer_priority(
             scale_index, model.int_steps[0][channel], model.unit[channel]).reshape(levels, channels)
+        if model.order_offsets is not None:
+            cached = cached + model.order_offsets[None, :]
         model._first_layer_keys = cached
     return cached
 
@@ -211,6 +213,8 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
         elements = candidates[start:start + CHUNK]
         tables = _refinement_tables(model, state, layer, elements)
         key = quant.refinement_priority(tables[0], tables[2], model.unit[state.channel[elements]])
+        if model.order_offsets is not None:
+            key += model.order_offsets[state.channel[elements]]
         return key, tables if keep else None
 
     # numpy releases the GIL in its array loops: chunks build in parallel on the cores.

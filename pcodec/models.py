@@ -72,6 +72,7 @@ class LoadedModel:
     int_steps: np.ndarray  # (L, M) integer steps
     z_table: np.ndarray  # (N, 2*Z_RANGE+1) integer frequencies
     config: dict
+    order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys; None: format v1
 
     @property
     def layers(self) -> int:
@@ -106,8 +107,10 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
         z_table = hyper_latent_table(full.entropy_bottleneck)
     else:
         z_table = z_table.numpy()
+    offsets = saved.get("order_offsets")  # absent in weights made before the offsets
     return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), network,
-                       hyper_synthesis, unit, int_steps, z_table, config)
+                       hyper_synthesis, unit, int_steps, z_table, config,
+                       None if offsets is None else offsets.numpy().astype(np.int64))
 
 
 @lru_cache(maxsize=4)

@@ -314,21 +314,30 @@ def measure_throughput(options=THROUGHPUT_OPTIONS, steps: int = 6, log=sys.stder
     return rows
 
 
-def export_weights(model, config: TrainConfig, state: dict, path: Path):
-    """Weights without optimizer state, plus what is needed to know how they were made."""
+def export_weights(model, config: TrainConfig, state: dict, path: Path,
+                   gain_data: Path | None = None):
+    """Weights without optimizer state, plus what is needed to know how they were made.
+    With `gain_data` (a folder of photos), also the coding order's per-channel offsets."""
     import torch
 
-    from .models import hyper_latent_table
+    from .models import hyper_latent_table, load_weights_file
 
     state_dict = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
-    save_atomic({"model": state_dict, "z_table": z_table, "config": asdict(config),
-                 "state": json.loads(json.dumps(
-                     {k: state[k] for k in ("step", "seconds", "images", "history")},
-                     default=float))}, path)
+    saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
+             "state": json.loads(json.dumps(
+                 {k: state[k] for k in ("step", "seconds", "images", "history")},
+                 default=float))}
+    save_atomic(saved, path)
+    if gain_data is not None:  # measured through the inference transforms the codec runs
+        from .channel_gain import channel_gains, order_offsets, training_crops
+
+        gains = channel_gains(load_weights_file(path), training_crops(gain_data))
+        saved["order_offsets"] = torch.from_numpy(order_offsets(gains))
+        save_atomic(saved, path)
 
 
-def export_checkpoint(checkpoint_path: Path, path: Path):
+def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None = None):
     """Weights file from a training checkpoint (drops the optimizer state)."""
     import torch
 
@@ -338,7 +347,7 @@ def export_checkpoint(checkpoint_path: Path, path: Path):
     config = TrainConfig(**{**checkpoint["config"], "lambdas": tuple(checkpoint["config"]["lambdas"])})
     model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M, layers=len(config.lambdas)))
     model.load_state_dict(checkpoint["model"])
-    export_weights(model, config, checkpoint["state"], path)
+    export_weights(model, config, checkpoint["state"], path, gain_data)
 
 
 def main(argv=None):
@@ -370,7 +379,7 @@ def main(argv=None):
     if args.export:
         entry = export_model(run_dir, args.export, args.kodak, "pcodec train --config "
                              f"{config.name} --data {args.data} --kodak {args.kodak}",
-                             note=args.note)
+                             note=args.note, gain_data=args.data)
         print(json.dumps(entry.get("kodak", {})), file=sys.stderr)
         return
     for item in args.set:
@@ -382,8 +391,10 @@ def main(argv=None):
 
 
 def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
-                 models_folder: Path | None = None, note: str | None = None):
-    """Weights without optimizer state → models/ID.pt, Kodak figures from real streams, the
+                 models_folder: Path | None = None, note: str | None = None,
+                 gain_data: Path | None = None):
+    """Weights without optimizer state → models/ID.pt (with the coding order's channel
+    offsets measured on photos in `gain_data`), Kodak figures from real streams, the
     manifest entry and the learning-curve plot."""
     import datetime
     import hashlib
@@ -394,7 +405,7 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     folder = models_folder or models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / f"{model_id}.pt"
-    export_checkpoint(run_dir / "checkpoint.pt", weights_path)
+    export_checkpoint(run_dir / "checkpoint.pt", weights_path, gain_data)
     import torch
 
     saved = torch.load(weights_path, weights_only=True)
@@ -420,6 +431,9 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     }
     if note:
         entry["training"]["note"] = note
+    if gain_data is not None:
+        entry["coding_order"] = ("keys weighted by each channel's synthesis gain "
+                                 f"(channel_gain.py), measured on photos of {gain_data}")
     if kodak is not None:
         entry["kodak"] = {**evaluate_weights(weights_path, kodak, with_midpoint=True),
                           "measured": datetime.date.today().isoformat(),

@@ -45,10 +45,13 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     assert [r["step"] for r in state["history"]] == [2, 4]
 
     models = tmp_path / "models"
-    entry = train.export_model(run, "tiny-run", None, "test", models_folder=models)
+    entry = train.export_model(run, "tiny-run", None, "test", models_folder=models,
+                               gain_data=photos)
     assert entry["training"]["steps"] == 4
     assert json.loads((models / "manifest.json").read_text())["default"] == "tiny-run"
     weights = load_weights_file(models / "tiny-run.pt")
+    assert weights.order_offsets.shape == weights.unit.shape
+    assert weights.order_offsets.dtype == np.int64 and np.median(weights.order_offsets) == 0
     image = synthetic_image(40, 56, 5)
     decoded = engine.decode(weights, engine.encode(weights, image))
     assert decoded.shape == image.shape and np.isfinite(psnr(image, decoded))
