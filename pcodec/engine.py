@@ -186,20 +186,55 @@ def _first_layer_order(model: LoadedModel, state: LatentState) -> np.ndarray:
     return quant.coding_order(keys)
 
 
-def _refinement_tables(model: LoadedModel, state: LatentState, layer: int, elements: np.ndarray):
-    """Sub-interval bounds, counts and probabilities of the given elements at this layer."""
-    step = model.int_steps[layer][state.channel[elements]]
-    lower, upper = state.lower[elements], state.upper[elements]
+def _distinct_rows(channel, scale_index, lower, upper):
+    """One index per distinct (channel, scale, interval) among the elements, and which of
+    those each element repeats (any representative will do: equal rows, equal tables)."""
+    width = upper - lower
+    if not len(channel) or not (channel.max() < 256 and width.max() < 1 << 16
+                                and np.abs(lower).max() < 1 << 31):
+        rows = np.stack([channel, scale_index, lower, upper], axis=1).astype(np.int64)
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        return first, inverse.reshape(-1)
+    # One int64 per row and an unstable sort: np.unique's stable sort costs 10× more here.
+    key = (channel.astype(np.int64) << 7 | scale_index) << 16 | width
+    key = key << 32 | (lower + (1 << 31))
+    order = np.argsort(key)
+    ordered = key[order]
+    starts = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+    inverse = np.empty(len(key), np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    return order[starts], inverse
+
+
+def _distinct_tables(model: LoadedModel, state: LatentState, layer: int, elements: np.ndarray):
+    """Sub-interval bounds, counts and probabilities at this layer, built once per distinct
+    (channel, scale, interval) — all a table depends on. A layer has 4–11 % distinct rows on
+    Kodak. Returns the tables, the elements that are distinct rows, and each element's row.
+    Rows are computed row by row at the width of the whole set, so they equal the tables
+    built for every element (a test checks it bit for bit)."""
+    channel, scale_index = state.channel[elements], state.scale_index[elements]
+    first, inverse = _distinct_rows(channel, scale_index, state.lower[elements],
+                                    state.upper[elements])
+    rows = elements[first]
+    step = model.int_steps[layer][state.channel[rows]]
+    lower, upper = state.lower[rows], state.upper[rows]
     counts, stretched = quant.split_counts(lower, upper, step)
     width = int(counts.max()) if len(counts) else 1
     bounds = quant.split_bounds(lower, upper, step, counts, stretched, width)
-    probabilities = quant.interval_probabilities(bounds, state.sigma_units(model, elements))
-    return bounds, counts, probabilities
+    probabilities = quant.interval_probabilities(bounds, state.sigma_units(model, rows))
+    return (bounds, counts, probabilities), rows, inverse
+
+
+def _refinement_tables(model: LoadedModel, state: LatentState, layer: int, elements: np.ndarray):
+    """Sub-interval bounds, counts and probabilities of the given elements at this layer."""
+    tables, _, inverse = _distinct_tables(model, state, layer, elements)
+    return tuple(table[inverse] for table in tables)
 
 
 def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
     """Elements this layer splits, highest expected distortion drop per bit first, and their
-    tables in that order when they are few enough to keep (else None: rebuilt per chunk)."""
+    tables when there are few enough elements to keep them (else None: rebuilt per chunk):
+    the distinct rows and, per element in coding order, its row."""
     candidates = []
     for start in range(0, len(state.lower), CHUNK * 8):  # in slices: bounded temporaries
         part = slice(start, start + CHUNK * 8)
@@ -211,11 +246,11 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
 
     def chunk_tables(start):
         elements = candidates[start:start + CHUNK]
-        tables = _refinement_tables(model, state, layer, elements)
-        key = quant.refinement_priority(tables[0], tables[2], model.unit[state.channel[elements]])
+        tables, rows, inverse = _distinct_tables(model, state, layer, elements)
+        key = quant.refinement_priority(tables[0], tables[2], model.unit[state.channel[rows]])
         if model.order_offsets is not None:
-            key += model.order_offsets[state.channel[elements]]
-        return key, tables if keep else None
+            key += model.order_offsets[state.channel[rows]]
+        return key[inverse], (tables, inverse) if keep else None
 
     # numpy releases the GIL in its array loops: chunks build in parallel on the cores.
     with _thread_pool() as pool:
@@ -227,11 +262,13 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
     del keys
     if not keep or not kept:
         return candidates[order], None
-    width = max(t[0].shape[1] for t in kept)
-    bounds = np.concatenate([_pad_columns(t[0], width, edge=True) for t in kept])[order]
-    counts = np.concatenate([t[1] for t in kept])[order]
-    probabilities = np.concatenate([_pad_columns(t[2], width - 1) for t in kept])[order]
-    return candidates[order], (bounds, counts, probabilities)
+    width = max(tables[0].shape[1] for tables, _ in kept)
+    first_row = np.cumsum([0] + [len(tables[1]) for tables, _ in kept[:-1]])
+    row = np.concatenate([inverse + first for (_, inverse), first in zip(kept, first_row)])
+    bounds = np.concatenate([_pad_columns(tables[0], width, edge=True) for tables, _ in kept])
+    counts = np.concatenate([tables[1] for tables, _ in kept])
+    probabilities = np.concatenate([_pad_columns(tables[2], width - 1) for tables, _ in kept])
+    return candidates[order], (bounds, counts, probabilities, row[order])
 
 
 def _thread_pool():
@@ -262,7 +299,9 @@ def _layer_chunks(model: LoadedModel, state: LatentState, layer: int, plan=None)
         if tables is None:
             yield (elements, *_refinement_tables(model, state, layer, elements))
             continue
-        bounds, counts, probabilities = (t[start:start + CHUNK] for t in tables)
+        bounds, counts, probabilities, row = tables
+        rows = row[start:start + CHUNK]
+        bounds, counts, probabilities = bounds[rows], counts[rows], probabilities[rows]
         width = int(counts.max())
         yield elements, bounds[:, :width + 1], counts, probabilities[:, :width]
 

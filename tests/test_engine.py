@@ -190,3 +190,33 @@ def test_order_offsets_reorder_the_stream_without_changing_its_layers(model):
     order = engine.plan_layer(boosted, state, 0)
     first = state.channel[order[: int((state.channel == 5).sum())]]
     assert (first == 5).all()
+
+
+def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model):
+    """Tables are built once per distinct (channel, scale, interval) and shared; they must be
+    bit for bit the tables each element would get on its own, wide splits included."""
+    from pcodec import quant
+
+    rng = np.random.default_rng(8)
+    count, channels = 6000, len(model.unit)
+    channel = rng.integers(0, channels, count).astype(np.int32)
+    scale_index = rng.integers(0, len(quant.SCALES), count).astype(np.int16)
+    step = model.int_steps[1][channel]
+    lower = rng.integers(-4, 4, count) * step - rng.integers(0, 3, count)
+    upper = lower + step * rng.choice([1, 2, 3, 7, 40, 200], count) + rng.integers(0, 9, count)
+    duplicate = rng.random(count) < 0.7  # most elements repeat an earlier one, as in a layer
+    source = rng.integers(0, count, count)
+    source = np.minimum(source, np.arange(count))
+    for array in (channel, scale_index, lower, upper):
+        array[duplicate] = array[source[duplicate]]
+    state = engine.LatentState(np.zeros((channels, 1, 1), np.float32), scale_index, channel,
+                               lower, upper, np.ones(count, bool))
+    elements = np.arange(count)
+    shared = engine._refinement_tables(model, state, 2, elements)
+    step = model.int_steps[2][channel]
+    counts, stretched = quant.split_counts(lower, upper, step)
+    bounds = quant.split_bounds(lower, upper, step, counts, stretched, int(counts.max()))
+    probabilities = quant.interval_probabilities(bounds, state.sigma_units(model, elements))
+    assert counts.max() == quant.MAX_SPLIT and stretched.any()
+    for mine, theirs in zip(shared, (bounds, counts, probabilities)):
+        assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
