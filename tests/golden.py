@@ -39,7 +39,9 @@ def cases():
             # the first shipped weights (session 1), on a small image to keep the file small
             ("hp128-dhq8", "hp128-dhq8", 48, 80, 4, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # session 2's weights, the default until session 3
-            ("hp128-dhq8-r2", "hp128-dhq8-r2", 48, 80, 5, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("hp128-dhq8-r2", "hp128-dhq8-r2", 48, 80, 5, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # session 3's weights, the default until session 4
+            ("hp128-dhq8-r3", "hp128-dhq8-r3", 48, 80, 6, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
