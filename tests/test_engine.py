@@ -192,7 +192,8 @@ def test_order_offsets_reorder_the_stream_without_changing_its_layers(model):
     assert (first == 5).all()
 
 
-def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model):
+@pytest.mark.parametrize("far", [0, 1 << 40])  # 1 << 40: bounds too large to pack in one key
+def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model, far):
     """Tables are built once per distinct (channel, scale, interval) and shared; they must be
     bit for bit the tables each element would get on its own, wide splits included."""
     from pcodec import quant
@@ -202,7 +203,7 @@ def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model)
     channel = rng.integers(0, channels, count).astype(np.int32)
     scale_index = rng.integers(0, len(quant.SCALES), count).astype(np.int16)
     step = model.int_steps[1][channel]
-    lower = rng.integers(-4, 4, count) * step - rng.integers(0, 3, count)
+    lower = rng.integers(-4, 4, count) * step - rng.integers(0, 3, count) + far
     upper = lower + step * rng.choice([1, 2, 3, 7, 40, 200], count) + rng.integers(0, 9, count)
     duplicate = rng.random(count) < 0.7  # most elements repeat an earlier one, as in a layer
     source = rng.integers(0, count, count)
