@@ -72,7 +72,7 @@ class LoadedModel:
     int_steps: np.ndarray  # (L, M) integer steps
     z_table: np.ndarray  # (N, 2*Z_RANGE+1) integer frequencies
     config: dict
-    order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys; None: format v1
+    order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys (weights since r4)
 
     @property
     def layers(self) -> int:
