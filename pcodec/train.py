@@ -55,6 +55,9 @@ class TrainConfig:
     notes: dict = field(default_factory=dict)
 
 
+MAX_SKIPS_IN_A_ROW = 20  # non-finite batches in a row: the weights are gone, stop
+
+
 CONFIGS = {
     "hp128": TrainConfig(),
     # Tiny config for tests and smoke runs.
@@ -188,6 +191,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
               "mse": np.zeros(len(config.lambdas)), "count": np.zeros(len(config.lambdas))}
     model.train()
     window_start = time.perf_counter()
+    skipped_in_a_row = 0
     while state["step"] < steps:
         step_start = time.perf_counter()
         lr = learning_rate(config, state["step"])
@@ -201,15 +205,29 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=config.autocast)
         loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, lambdas_all[layer_of - 1])
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):  # a rare bad batch must not poison the weights
+        # A rare bad batch must not poison the weights: skip it when its loss or its gradient
+        # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
+        # it on to every weight). Session 4's run skipped every batch from step 30,926 on, its
+        # weights most likely NaN; it now stops instead of spinning.
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(main_params, config.clip)))
+        if not finite:
             state["skipped"] = state.get("skipped", 0) + 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                raise SystemExit(f"training diverged: {skipped_in_a_row} non-finite batches in a "
+                                 f"row at step {state['step']}; resume from the checkpoint, "
+                                 f"perhaps with a lower --set lr=")
             continue
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(main_params, config.clip)
+        skipped_in_a_row = 0
         optimizer.step()
         aux_optimizer.zero_grad(set_to_none=True)
-        model.aux_loss().backward()
-        aux_optimizer.step()
+        aux_loss = model.aux_loss()
+        if torch.isfinite(aux_loss):
+            aux_loss.backward()
+            aux_optimizer.step()
 
         state["step"] += 1
         state["images"] += config.batch

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import synthetic_image
 
 from pcodec import engine, train
@@ -55,3 +56,32 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     image = synthetic_image(40, 56, 5)
     decoded = engine.decode(weights, engine.encode(weights, image))
     assert decoded.shape == image.shape and np.isfinite(psnr(image, decoded))
+
+
+def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_path, monkeypatch):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    real_loss = train.rd_loss
+    calls = {"n": 0}
+
+    def bad_first_batches(*args):
+        loss, bpp, mse = real_loss(*args)
+        calls["n"] += 1
+        if calls["n"] == 1:  # a finite loss whose gradient is NaN (d√x/dx at 0 is infinite)
+            loss = loss + 0.0 * torch.sqrt(0.0 * loss)
+            assert torch.isfinite(loss)
+        if calls["n"] == 2:
+            loss = loss * float("nan")
+        return loss, bpp, mse
+
+    monkeypatch.setattr(train, "rd_loss", bad_first_batches)
+    model, state = train.train(config, photos, tmp_path / "run", 2, None, None)
+    assert state["step"] == 2 and state["skipped"] == 2
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+    def always_nan(*args):
+        loss, bpp, mse = real_loss(*args)
+        return loss * float("nan"), bpp, mse
+
+    monkeypatch.setattr(train, "rd_loss", always_nan)
+    with pytest.raises(SystemExit, match="diverged"):
+        train.train(config, photos, tmp_path / "run", 4, None, None)
