@@ -67,6 +67,11 @@ def pad_image(image: np.ndarray) -> np.ndarray:
     return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
+def _channel_offsets(model: LoadedModel, channel: np.ndarray) -> np.ndarray | None:
+    """Order-key offsets of these elements' channels (None: weights without offsets)."""
+    return None if model.order_offsets is None else model.order_offsets[channel]
+
+
 def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
     """(scale levels, M) layer-1 keys; one entry per (scale, channel) pair."""
     cached = getattr(model, "_first_layer_keys", None)
@@ -75,9 +80,8 @@ def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
         scale_index = np.repeat(np.arange(levels), channels)
         channel = np.tile(np.arange(channels), levels)
         cached = quant.first_layer_priority(
-            scale_index, model.int_steps[0][channel], model.unit[channel]).reshape(levels, channels)
-        if model.order_offsets is not None:
-            cached = cached + model.order_offsets[None, :]
+            scale_index, model.int_steps[0][channel], model.unit[channel],
+            _channel_offsets(model, channel)).reshape(levels, channels)
         model._first_layer_keys = cached
     return cached
 
@@ -216,7 +220,7 @@ def _distinct_tables(model: LoadedModel, state: LatentState, layer: int, element
     first, inverse = _distinct_rows(channel, scale_index, state.lower[elements],
                                     state.upper[elements])
     rows = elements[first]
-    step = model.int_steps[layer][state.channel[rows]]
+    step = model.int_steps[layer][channel[first]]
     lower, upper = state.lower[rows], state.upper[rows]
     counts, stretched = quant.split_counts(lower, upper, step)
     width = int(counts.max()) if len(counts) else 1
@@ -247,9 +251,9 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
     def chunk_tables(start):
         elements = candidates[start:start + CHUNK]
         tables, rows, inverse = _distinct_tables(model, state, layer, elements)
-        key = quant.refinement_priority(tables[0], tables[2], model.unit[state.channel[rows]])
-        if model.order_offsets is not None:
-            key += model.order_offsets[state.channel[rows]]
+        channel = state.channel[rows]
+        key = quant.refinement_priority(tables[0], tables[2], model.unit[channel],
+                                        _channel_offsets(model, channel))
         return key[inverse], (tables, inverse) if keep else None
 
     # numpy releases the GIL in its array loops: chunks build in parallel on the cores.

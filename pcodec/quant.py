@@ -129,21 +129,21 @@ def interval_probabilities(bounds: np.ndarray, sigma_units: np.ndarray) -> np.nd
 
 
 def refinement_priority(bounds: np.ndarray, probabilities: np.ndarray, unit: np.ndarray,
-                        weight: np.ndarray | None = None) -> np.ndarray:
+                        offset: np.ndarray | None = None) -> np.ndarray:
     """Integer key: expected distortion drop per expected bit of coding this element now.
 
     The key is quantised to 1/16 of a bit of log2 so that encoder and decoder sort
-    identically even if their float sums differ in the last ulp.
+    identically even if their float sums differ in the last ulp. `offset` (integers in the
+    same unit, e.g. log2 of a channel's synthesis gain) is added exactly.
     """
     mids = (bounds[:, 1:] + bounds[:, :-1]).astype(np.float64) * (0.5 * unit[:, None])
     mean = (probabilities * mids).sum(axis=1, keepdims=True)
     distortion_drop = (probabilities * (mids - mean) ** 2).sum(axis=1)
-    if weight is not None:
-        distortion_drop = distortion_drop * weight
     p = np.maximum(probabilities, 1e-300)
     bits = -(probabilities * np.log2(p)).sum(axis=1)
     ratio = distortion_drop / np.maximum(bits, 1e-6)
-    return np.floor(np.log2(np.maximum(ratio, 1e-30)) * 16).astype(np.int64)
+    key = np.floor(np.log2(np.maximum(ratio, 1e-30)) * 16).astype(np.int64)
+    return key if offset is None else key + offset
 
 
 def coding_order(priority: np.ndarray) -> np.ndarray:
@@ -179,7 +179,7 @@ def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True)
 
 
 def first_layer_priority(scale_index: np.ndarray, step_units: np.ndarray, unit: np.ndarray,
-                         weight: np.ndarray | None = None) -> np.ndarray:
+                         offset: np.ndarray | None = None) -> np.ndarray:
     """Layer-1 key (same meaning as refinement_priority) for a uniform grid on N(0, σ),
     computed on the central cells. Meant for a table of (scale, channel) pairs, not for
     every element."""
@@ -192,4 +192,4 @@ def first_layer_priority(scale_index: np.ndarray, step_units: np.ndarray, unit: 
     cdf = ndtr(z)
     probabilities = np.diff(cdf, axis=1)
     probabilities = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-300)
-    return refinement_priority(bounds, probabilities, unit, weight)
+    return refinement_priority(bounds, probabilities, unit, offset)
