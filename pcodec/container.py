@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from .errors import StreamError, UsageError
 
 MAGIC = b"\x89PCB\r\n\x1a\n"  # PNG-style: catches text-mode and 7-bit transfer damage
-VERSION = 1
+# 2: probability tables and coding orders from detmath's portable arithmetic, layer 1 coded
+# with those tables too (format 1 used library kernels that differ between machines).
+VERSION = 2
 MAX_SECTIONS = 64
 MAX_MODEL_ID = 64
 DIGEST_BYTES = 8
@@ -111,6 +113,9 @@ def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Hea
     if len(data) < len(MAGIC) + 5:
         raise StreamError(f"truncated stream: only {len(data)} bytes, header incomplete")
     version = data[len(MAGIC)]
+    if version == 1:
+        raise StreamError("format version 1 stream: its tables depended on the machine that "
+                          "wrote it and this pcodec reads only version 2; re-encode the image")
     if version != VERSION:
         raise StreamError(f"unsupported .pcb format version {version} (this pcodec reads {VERSION})")
     (length,) = struct.unpack(">I", data[len(MAGIC) + 1:len(MAGIC) + 5])

@@ -96,7 +96,7 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
     hyper_synthesis = copy.deepcopy(network.h_s).double().requires_grad_(False)
-    unit, int_steps = integer_steps(torch.exp(state["log_steps"]).double().numpy())
+    unit, int_steps = integer_steps(state["log_steps"].double().numpy())
     z_table = saved.get("z_table")
     if z_table is None:  # weights exported before tables were stored: derive them here
         from .network import HyperpriorNetwork, NetworkConfig

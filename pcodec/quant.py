@@ -12,23 +12,31 @@ units, relative to the prior mean mu (the codec works on y* = y - mu):
   narrower than s_l are not split and cost nothing.
 
 The probability of each sub-interval is the prior's Gaussian mass on it renormalised by the
-parent interval's mass, computed in float64 from integer bounds and a table scale, so both
-sides build identical tables. No torch here.
+parent interval's mass, computed in float64 from integer bounds and a table scale with
+detmath's basic-operation arithmetic (never numpy's or scipy's transcendental kernels), so
+both sides build identical tables on any machine. No torch here.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import log_ndtr, ndtr  # noqa: F401 (log_ndtr used in reconstruct)
+from scipy.special import log_ndtr  # reconstruct() only: it shapes pixels, not the stream
+
+from . import detmath
 
 SLIVER_NUM, SLIVER_DEN = 3, 10  # slivers < 0.3 step are merged (must match network.SLIVER)
 FINEST_STEP_UNITS = 16  # the finest layer's step in grid units: sets the integer resolution
 MAX_SPLIT = 64  # most sub-intervals one split may produce (bounded by the step ratios)
 
 
+_LN2 = 0.6931471805599453
+
+
 def scale_table(minimum: float = 0.04, maximum: float = 64.0, levels: int = 96) -> np.ndarray:
     """Log-spaced prior scales; sigma is snapped to it so both sides use identical values."""
-    return np.exp(np.linspace(np.log(minimum), np.log(maximum), levels))
+    low, high = detmath.log2(np.float64(minimum)), detmath.log2(np.float64(maximum))
+    fraction = np.arange(levels, dtype=np.float64) / (levels - 1)
+    return detmath.exp((low + (high - low) * fraction) * _LN2)
 
 
 SCALES = scale_table()
@@ -39,9 +47,9 @@ def scale_indexes(sigma: np.ndarray) -> np.ndarray:
     return np.searchsorted(_SCALE_EDGES, sigma).astype(np.int16)
 
 
-def integer_steps(steps: np.ndarray):
-    """Float step sizes (L, M) → per-channel grid unit (M,) and integer steps (L, M)."""
-    steps = np.asarray(steps, dtype=np.float64)
+def integer_steps(log_steps: np.ndarray):
+    """Learned log step sizes (L, M) → per-channel grid unit (M,) and integer steps (L, M)."""
+    steps = detmath.exp(np.asarray(log_steps, dtype=np.float64))
     unit = steps.min(axis=0) / FINEST_STEP_UNITS
     int_steps = np.maximum(np.round(steps / unit), 1).astype(np.int64)
     return unit, int_steps
@@ -106,26 +114,41 @@ def sub_interval_index(bounds: np.ndarray, count: np.ndarray, y_units: np.ndarra
 def interval_probabilities(bounds: np.ndarray, sigma_units: np.ndarray) -> np.ndarray:
     """Renormalised Gaussian mass of each sub-interval (rows sum to 1).
 
-    Intervals are mirrored to the negative side, where Φ keeps its relative precision down
-    to about -37σ. Beyond that Φ underflows; there each cell gets the density at its edge
-    nearest the mean, which decays the same way.
+    Each cell's mass is a difference of tail masses Φ(-|x|) on its own side of the mean (1
+    minus both tails for the cell holding the mean), so no mass is a difference of two numbers
+    near 1, and Φ keeps its relative precision down to about -37σ. Beyond that it underflows;
+    there each cell gets the density at its edge nearest the mean, which decays the same way.
     """
-    centre = bounds[:, :1] + bounds[:, -1:]
-    mirror = centre > 0
-    edges = np.where(mirror, -bounds[:, ::-1], bounds) / sigma_units[:, None]
-    mass = np.diff(ndtr(edges), axis=1)
-    mass = np.where(mirror, mass[:, ::-1], mass)
+    edges = bounds / sigma_units[:, None]
+    tails = detmath.normal_tail(edges)
+    low, high = edges[:, :-1], edges[:, 1:]
+    low_tail, high_tail = tails[:, :-1], tails[:, 1:]
+    mass = np.where(low >= 0, low_tail - high_tail,
+                    np.where(high <= 0, high_tail - low_tail, (1.0 - low_tail) - high_tail))
     np.maximum(mass, 0.0, out=mass)
-    total = mass.sum(axis=1, keepdims=True)
+    total = detmath.row_sum(mass)[:, None]
     good = total[:, 0] > 1e-300
     if good.all():
         return mass / total
-    nearest = edges[:, 1:]  # mirrored: each cell's upper edge is the one nearest the mean
+    nearest = np.where(low >= 0, low, np.where(high <= 0, high, 0.0))
     log_density = -0.5 * nearest * nearest
-    tail = np.exp(log_density - log_density.max(axis=1, keepdims=True))
-    tail = np.where(mirror, tail[:, ::-1], tail) * (np.diff(bounds, axis=1) > 0)
-    tail = tail / np.maximum(tail.sum(axis=1, keepdims=True), 1e-300)
+    tail = detmath.exp(log_density - log_density.max(axis=1, keepdims=True))
+    tail = tail * (np.diff(bounds, axis=1) > 0)
+    tail = tail / np.maximum(detmath.row_sum(tail)[:, None], 1e-300)
     return np.where(good[:, None], mass / np.where(good[:, None], total, 1), tail)
+
+
+FIRST_LAYER_WINDOW = 16  # layer-1 symbols -W..W; ±W are escapes (|q| ≥ W), excess coded apart
+_ESCAPE_EDGE = 1 << 40  # an escape cell's far edge: beyond any prior's reach
+
+
+def first_layer_bounds(step: np.ndarray) -> np.ndarray:
+    """(E, 2W+2) cell edges of layer 1's symbols: the cells of q = -(W-1)..W-1 between two
+    escape cells reaching out to ±2^40 grid units."""
+    q = np.arange(-(FIRST_LAYER_WINDOW - 1), FIRST_LAYER_WINDOW)
+    lower = q[None, :] * step[:, None] - (step // 2)[:, None]
+    far = np.full((len(step), 1), _ESCAPE_EDGE, dtype=np.int64)
+    return np.concatenate([-far, lower, lower[:, -1:] + step[:, None], far], axis=1)
 
 
 def refinement_priority(bounds: np.ndarray, probabilities: np.ndarray, unit: np.ndarray,
@@ -137,12 +160,12 @@ def refinement_priority(bounds: np.ndarray, probabilities: np.ndarray, unit: np.
     same unit, e.g. log2 of a channel's synthesis gain) is added exactly.
     """
     mids = (bounds[:, 1:] + bounds[:, :-1]).astype(np.float64) * (0.5 * unit[:, None])
-    mean = (probabilities * mids).sum(axis=1, keepdims=True)
-    distortion_drop = (probabilities * (mids - mean) ** 2).sum(axis=1)
+    mean = detmath.row_sum(probabilities * mids)[:, None]
+    distortion_drop = detmath.row_sum(probabilities * np.square(mids - mean))
     p = np.maximum(probabilities, 1e-300)
-    bits = -(probabilities * np.log2(p)).sum(axis=1)
+    bits = -detmath.row_sum(probabilities * detmath.log2(p))
     ratio = distortion_drop / np.maximum(bits, 1e-6)
-    key = np.floor(np.log2(np.maximum(ratio, 1e-30)) * 16).astype(np.int64)
+    key = np.floor(detmath.log2(np.maximum(ratio, 1e-30)) * 16).astype(np.int64)
     return key if offset is None else key + offset
 
 
@@ -188,8 +211,5 @@ def first_layer_priority(scale_index: np.ndarray, step_units: np.ndarray, unit: 
     q = np.arange(-cells, cells + 1)
     lower = q[None, :] * step_units[:, None] - (step_units // 2)[:, None]
     bounds = np.concatenate([lower, lower[:, -1:] + step_units[:, None]], axis=1)
-    z = bounds / sigma_units[:, None]
-    cdf = ndtr(z)
-    probabilities = np.diff(cdf, axis=1)
-    probabilities = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-300)
+    probabilities = interval_probabilities(bounds, sigma_units)
     return refinement_priority(bounds, probabilities, unit, offset)

@@ -402,10 +402,17 @@ def main(argv=None):
         return
     for item in args.set:
         key, value = item.split("=", 1)
-        current = getattr(config, key)
-        config = replace(config, **{key: type(current)(value) if not isinstance(current, bool)
-                                    else value.lower() in {"1", "true", "yes"}})
+        config = replace(config, **{key: parse_setting(getattr(config, key), value)})
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak)
+
+
+def parse_setting(current, value: str):
+    """A --set value in the type of the field it replaces (a tuple: comma-separated)."""
+    if isinstance(current, bool):
+        return value.lower() in {"1", "true", "yes"}
+    if isinstance(current, tuple):
+        return tuple(type(current[0])(item) for item in value.split(","))
+    return type(current)(value)
 
 
 def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,

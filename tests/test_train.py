@@ -32,6 +32,15 @@ def test_learning_rate_warms_up_holds_then_decays_to_its_floor():
     assert rates[-1] == pytest.approx(config.lr_final)
 
 
+def test_set_overrides_parse_into_the_field_types():
+    config = train.CONFIGS["hp128"]
+    assert train.parse_setting(config.lambdas, "0.0005,0.0013,0.0067") == (0.0005, 0.0013, 0.0067)
+    assert train.parse_setting(config.lr, "3e-5") == 3e-5
+    assert train.parse_setting(config.steps, "100") == 100
+    assert train.parse_setting(config.compile, "true") is True
+    assert train.parse_setting(config.compile, "0") is False
+
+
 def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
     config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     run = tmp_path / "run"
