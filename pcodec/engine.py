@@ -129,24 +129,39 @@ def hyper_synthesis_banded(model: LoadedModel, z_hat: np.ndarray, band: int = PR
 
 
 def _prior(model: LoadedModel, z_hat: np.ndarray):
-    """μ (float32) and the snapped scale indexes from ẑ, computed in float64 on the CPU (both
-    sides must agree); band by band, so no full-size float64 array is ever held."""
-    means, indexes = [], []
+    """μ (float32), the snapped scale indexes and the elements whose σ lies within
+    quant.EDGE_MARGIN of a table edge, from ẑ, computed in float64 on the CPU; band by band,
+    so no full-size float64 array is ever held."""
+    means, indexes, fragile = [], [], []
     for piece in _hyper_synthesis_bands(model, z_hat):
         scales, mu = np.split(piece, 2, axis=0)
         sigma = np.maximum(np.abs(scales), quant.SCALES[0])
         means.append(mu.astype(np.float32))
         indexes.append(quant.scale_indexes(sigma.reshape(-1)).reshape(sigma.shape))
-    return np.concatenate(means, axis=1), np.concatenate(indexes, axis=1).reshape(-1)
+        fragile.append(quant.near_scale_edge(sigma))
+    mu = np.concatenate(means, axis=1)
+    return (mu, np.concatenate(indexes, axis=1).reshape(-1),
+            np.nonzero(np.concatenate(fragile, axis=1).reshape(-1))[0])
 
 
-def _new_state(model: LoadedModel, z_hat: np.ndarray) -> LatentState:
-    mu, scale_index = _prior(model, z_hat)
+def _new_state(model: LoadedModel, z_hat: np.ndarray, overrides=None):
+    """The state after the hyper-latent, and the elements whose scale the encoder must send.
+
+    A float64 h_s computed by another machine's BLAS kernels differs by ~1e-13 relative, so
+    the two sides snap σ alike unless it lies that close to a table edge. The encoder sends
+    its index for every element within quant.EDGE_MARGIN (1e-9) of one, expected 0.008 per
+    768x512 image, and the decoder takes those (`overrides`) instead of its own.
+    """
+    mu, scale_index, fragile = _prior(model, z_hat)
+    if overrides is not None:
+        elements, indexes = overrides
+        scale_index[elements] = indexes
     count = mu.size
     channel = np.repeat(np.arange(mu.shape[0], dtype=np.int32), mu.shape[1] * mu.shape[2])
-    return LatentState(mu=mu, scale_index=scale_index, channel=channel,
-                       lower=np.zeros(count, np.int64), upper=np.zeros(count, np.int64),
-                       coded=np.zeros(count, bool))
+    state = LatentState(mu=mu, scale_index=scale_index, channel=channel,
+                        lower=np.zeros(count, np.int64), upper=np.zeros(count, np.int64),
+                        coded=np.zeros(count, bool))
+    return state, fragile
 
 
 # -- hyper-latent section ------------------------------------------------------------------
@@ -157,7 +172,10 @@ def _z_tables(model: LoadedModel, shape):
     return np.repeat(np.arange(channels), height * width), model.z_table.astype(np.float64)
 
 
-def _encode_hyper(model: LoadedModel, z_hat: np.ndarray) -> bytes:
+def _encode_hyper(model: LoadedModel, z_hat: np.ndarray, state: LatentState,
+                  fragile: np.ndarray) -> bytes:
+    """ẑ's symbols, their escapes' excess, then the scale indexes of the `fragile` elements:
+    a flag (1 uniform bit), and when set their count, elements and indexes."""
     values = z_hat.reshape(-1).astype(np.int64)
     channel, table = _z_tables(model, z_hat.shape)
     encoder = entropy.Encoder()
@@ -166,21 +184,36 @@ def _encode_hyper(model: LoadedModel, z_hat: np.ndarray) -> bytes:
         encoder.categorical(np.clip(values[part], -Z_RANGE, Z_RANGE) + Z_RANGE, table[channel[part]])
     escaped = np.abs(values) >= Z_RANGE
     _encode_excess(encoder, np.abs(values[escaped]) - Z_RANGE)
+    encoder.uniform(np.array([int(len(fragile) > 0)]), 2)
+    if len(fragile):
+        _encode_excess(encoder, np.array([len(fragile)]))
+        _encode_excess(encoder, fragile)
+        encoder.uniform(state.scale_index[fragile], len(quant.SCALES))
     return encoder.finish()
 
 
-def _decode_hyper(model: LoadedModel, data: bytes | None, shape) -> np.ndarray:
-    """ẑ from its (complete) section; without one, every symbol takes its table's mode."""
+def _decode_hyper(model: LoadedModel, data: bytes | None, shape, elements: int):
+    """ẑ from its (complete) section, and the encoder's scale indexes for the elements near a
+    table edge (None without a section: then every ẑ symbol takes its table's mode)."""
     channel, table = _z_tables(model, shape)
     if data is None:
-        return (np.argmax(model.z_table, axis=1) - Z_RANGE)[channel].reshape(shape)
+        return (np.argmax(model.z_table, axis=1) - Z_RANGE)[channel].reshape(shape), None
     decoder = entropy.Decoder(data)
     values = np.concatenate([decoder.categorical(table[channel[start:start + CHUNK]])
                              for start in range(0, len(channel), CHUNK)]) - Z_RANGE
     escaped = np.nonzero(np.abs(values) >= Z_RANGE)[0]
     excess = _decode_excess(decoder, len(escaped))
     values[escaped] = np.sign(values[escaped]) * (Z_RANGE + excess)
-    return values.reshape(shape)
+    overrides = (np.zeros(0, np.int64), np.zeros(0, np.int16))
+    if decoder.uniform(1, 2)[0]:
+        (count,) = _decode_excess(decoder, 1)
+        if not 0 < count <= elements:
+            raise StreamError("corrupt stream: implausible count of scale overrides")
+        fragile = _decode_excess(decoder, int(count))
+        if fragile.max() >= elements:
+            raise StreamError("corrupt stream: scale override outside the latent")
+        overrides = (fragile, decoder.uniform(int(count), len(quant.SCALES)).astype(np.int16))
+    return values.reshape(shape), overrides
 
 
 def _encode_excess(encoder: entropy.Encoder, excess: np.ndarray):
@@ -547,10 +580,10 @@ def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None) -> 
     height, width = image.shape[:2]
     with stage("analysis transforms"):
         y, z_hat = analyse(model, image)
-    with stage("hyper-latent coding"):
-        sections = [_encode_hyper(model, z_hat)]
     with stage("prior (h_s, float64)"):
-        state = _new_state(model, z_hat)
+        state, fragile = _new_state(model, z_hat)
+    with stage("hyper-latent coding"):
+        sections = [_encode_hyper(model, z_hat, state, fragile)]
     y_units = (y - state.mu).reshape(-1) / model.unit[state.channel]
     del y
     with stage("layer coding (tables + range coder)"):
@@ -583,9 +616,9 @@ def decode_latents(model: LoadedModel, header: container.Header, payloads, parti
     # element and need not improve the image; the image of the most probable ẑ does for now.
     hyper = payloads[0] if payloads and not partial[0] else None
     with stage("hyper-latent coding"):
-        z_hat = _decode_hyper(model, hyper, z_shape)
+        z_hat, overrides = _decode_hyper(model, hyper, z_shape, int(np.prod(y_shape)))
     with stage("prior (h_s, float64)"):
-        state = _new_state(model, z_hat)
+        state, _ = _new_state(model, z_hat, overrides)
     if state.mu.shape != y_shape:
         raise StreamError("corrupt stream: latent shape mismatch")
     yield 0, state
@@ -636,14 +669,14 @@ def decode_prefixes(model: LoadedModel, data: bytes, sizes):
     for size in sizes:
         if size < header_length:
             raise UsageError(f"--bytes {size} is below this stream's header ({header_length} bytes)")
-    z_shape, _ = latent_shapes(model, header.height, header.width)
+    z_shape, y_shape = latent_shapes(model, header.height, header.width)
     before_hyper = [s for s in sizes if s < ends[0]]
     if before_hyper:
-        pixels = synthesize(model, _new_state(model, _decode_hyper(model, None, z_shape)),
+        pixels = synthesize(model, _new_state(model, _decode_hyper(model, None, z_shape, 0)[0])[0],
                             header.height, header.width)
         for size in before_hyper:
             yield size, pixels
-    state = _new_state(model, _decode_hyper(model, payloads[0], z_shape))
+    state, _ = _new_state(model, *_decode_hyper(model, payloads[0], z_shape, int(np.prod(y_shape))))
     pending = [s for s in sizes if s >= ends[0]]
     for index in range(1, len(payloads) + 1):
         if not pending:

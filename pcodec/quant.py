@@ -47,6 +47,18 @@ def scale_indexes(sigma: np.ndarray) -> np.ndarray:
     return np.searchsorted(_SCALE_EDGES, sigma).astype(np.int16)
 
 
+EDGE_MARGIN = 1e-9  # relative: 10^4 times the float64 prior's disagreement between machines
+
+
+def near_scale_edge(sigma: np.ndarray) -> np.ndarray:
+    """Whether each σ lies within EDGE_MARGIN (relative) of a scale-table edge, where another
+    machine's rounding could snap it to the neighbouring scale."""
+    index = np.minimum(np.searchsorted(_SCALE_EDGES, sigma), len(_SCALE_EDGES) - 1)
+    below = _SCALE_EDGES[np.maximum(index - 1, 0)]
+    above = _SCALE_EDGES[index]
+    return (np.abs(sigma - below) <= EDGE_MARGIN * below) | (np.abs(sigma - above) <= EDGE_MARGIN * above)
+
+
 def integer_steps(log_steps: np.ndarray):
     """Learned log step sizes (L, M) → per-channel grid unit (M,) and integer steps (L, M)."""
     steps = detmath.exp(np.asarray(log_steps, dtype=np.float64))
