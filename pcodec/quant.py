@@ -216,12 +216,18 @@ def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True)
 def first_layer_priority(scale_index: np.ndarray, step_units: np.ndarray, unit: np.ndarray,
                          offset: np.ndarray | None = None) -> np.ndarray:
     """Layer-1 key (same meaning as refinement_priority) for a uniform grid on N(0, σ),
-    computed on the central cells. Meant for a table of (scale, channel) pairs, not for
-    every element."""
+    computed on the cells within ±6σ (±64 at most) of each row's mean. Meant for a table of
+    (scale, channel) pairs, not for every element. Rows are computed in groups of equal
+    width: most need a few cells, and 129 for every row cost 0.75 s of each start-up."""
     sigma_units = SCALES[scale_index] / unit
-    cells = int(min(64, np.ceil(6 * sigma_units.max() / step_units.min()) + 2))
-    q = np.arange(-cells, cells + 1)
-    lower = q[None, :] * step_units[:, None] - (step_units // 2)[:, None]
-    bounds = np.concatenate([lower, lower[:, -1:] + step_units[:, None]], axis=1)
-    probabilities = interval_probabilities(bounds, sigma_units)
-    return refinement_priority(bounds, probabilities, unit, offset)
+    cells = np.minimum(64, np.ceil(6 * sigma_units / step_units) + 2).astype(np.int64)
+    keys = np.zeros(len(cells), np.int64)
+    for count in np.unique(cells):
+        rows = np.nonzero(cells == count)[0]
+        q = np.arange(-count, count + 1)
+        lower = q[None, :] * step_units[rows, None] - (step_units[rows] // 2)[:, None]
+        bounds = np.concatenate([lower, lower[:, -1:] + step_units[rows, None]], axis=1)
+        probabilities = interval_probabilities(bounds, sigma_units[rows])
+        keys[rows] = refinement_priority(bounds, probabilities, unit[rows],
+                                         None if offset is None else offset[rows])
+    return keys
