@@ -105,14 +105,14 @@ PRIOR_MARGIN = 3  # ... with 3 rows of context each side: more than h_s's reach 
 
 
 def _hyper_synthesis_bands(model: LoadedModel, z_hat: np.ndarray, band: int = PRIOR_BAND):
-    """h_s in float64 over row bands of ẑ, band by band: the same numbers as one pass (a
-    test checks it bit for bit), at a fraction of the memory — float64 convolutions unfold
-    their input, ~1 GB for a 3840x2160 image in one pass.
+    """h_s in float64 over row bands of ẑ, band by band, at a fraction of the memory —
+    float64 convolutions unfold their input, ~1 GB for a 3840x2160 image in one pass. The
+    bands give the one-pass σ to ~1e-13 (MKL picks its kernels by shape and CPU) and the same
+    snapped scales (a test checks it); what the two sides must share is only those, and the
+    scale overrides in the stream cover any σ that close to a table edge.
 
-    On torch's threads: 1.9x faster on 2 cores (0.07 against 0.13 s for 768x512), the same
-    numbers at 1 and 2 threads (a test checks it). Only the snapped scale index must agree
-    between the two sides, and a float64 sum order would flip it only for a σ within ~1e-15
-    of a table edge — the margin that already covers two machines' different BLAS kernels."""
+    On torch's threads: 1.9x faster on 2 cores (0.07 against 0.13 s for 768x512); the same
+    numbers at 1 and 2 threads here (a test checks it)."""
     torch = _torch()
     z = torch.from_numpy(z_hat.astype(np.float64))[None]
     height = z.shape[2]

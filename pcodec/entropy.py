@@ -30,8 +30,6 @@ def _family(kind: str, parameter):
     model = _constriction().stream.model
     if kind == "categorical":
         return model.Categorical(perfect=False)
-    if kind == "gaussian":
-        return model.QuantizedGaussian(-parameter, parameter)
     return model.Uniform(parameter)
 
 
@@ -39,8 +37,7 @@ def _params(kind: str, table, start: int, stop: int):
     """Per-symbol model parameters; constriction needs C-contiguous float64 arrays."""
     if kind == "uniform":
         return ()
-    rows = np.ascontiguousarray(table[start:stop], dtype=np.float64)
-    return (rows,) if kind == "categorical" else (np.zeros_like(rows), rows)
+    return (np.ascontiguousarray(table[start:stop], dtype=np.float64),)
 
 
 class Encoder:
@@ -52,10 +49,6 @@ class Encoder:
     def categorical(self, symbols: np.ndarray, probabilities: np.ndarray):
         """Symbol i in 0..n-1 with probabilities[i] (rows need not be normalised)."""
         self._encode("categorical", None, symbols, probabilities)
-
-    def gaussian(self, symbols: np.ndarray, stds: np.ndarray, limit: int):
-        """Integers in -limit..limit under N(0, std) quantized to unit bins."""
-        self._encode("gaussian", limit, symbols, stds)
 
     def uniform(self, symbols: np.ndarray, size: int):
         self._encode("uniform", size, symbols, None)
@@ -91,9 +84,6 @@ class Decoder:
 
     def categorical(self, probabilities: np.ndarray) -> np.ndarray:
         return self._decode("categorical", None, probabilities, len(probabilities))
-
-    def gaussian(self, stds: np.ndarray, limit: int) -> np.ndarray:
-        return self._decode("gaussian", limit, stds, len(stds))
 
     def uniform(self, count: int, size: int) -> np.ndarray:
         return self._decode("uniform", size, None, count)

@@ -7,19 +7,19 @@ def sample(seed=0, count=3000):
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.ones(6) * 0.4, size=count)
     symbols = np.array([rng.choice(6, p=p) for p in probabilities])
-    stds = rng.uniform(0.05, 20, count)
-    gaussian = np.clip(np.round(rng.normal(0, stds)), -100, 100).astype(np.int64)
+    wide = rng.dirichlet(np.ones(33) * 0.2, size=count)  # layer 1's width
+    wide_symbols = np.array([rng.choice(33, p=p) for p in wide])
     encoder = entropy.Encoder()
     encoder.categorical(symbols, probabilities)
-    encoder.gaussian(gaussian, stds, 100)
+    encoder.categorical(wide_symbols, wide)
     encoder.uniform(np.arange(10), 1 << 16)
-    return encoder.finish(), (probabilities, symbols, stds, gaussian)
+    return encoder.finish(), (probabilities, symbols, wide, wide_symbols)
 
 
 def decode_all(data, tables, complete=True):
-    probabilities, _, stds, _ = tables
+    probabilities, _, wide, _ = tables
     decoder = entropy.Decoder(data, complete)
-    return [decoder.categorical(probabilities), decoder.gaussian(stds, 100),
+    return [decoder.categorical(probabilities), decoder.categorical(wide),
             decoder.uniform(10, 1 << 16)]
 
 
