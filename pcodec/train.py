@@ -165,6 +165,9 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, main_params, checkpoint["optimizer"])
+        # The saved groups carry the run's old settings; a resume with --set takes the new.
+        for group, scale in zip(optimizer.param_groups, (1.0, config.step_lr_scale)):
+            group["lr_scale"] = scale
         aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
         state = checkpoint["state"]
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
