@@ -40,8 +40,10 @@ def cases():
             ("hp128-dhq8", "hp128-dhq8", 48, 80, 4, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # session 2's weights, the default until session 3
             ("hp128-dhq8-r2", "hp128-dhq8-r2", 48, 80, 5, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # session 3's weights, the default until session 4
-            ("hp128-dhq8-r3", "hp128-dhq8-r3", 48, 80, 6, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            # session 3's weights, the default until session 5
+            ("hp128-dhq8-r3", "hp128-dhq8-r3", 48, 80, 6, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # session 5's weights, the first with coding-order offsets
+            ("hp128-dhq8-r4", "hp128-dhq8-r4", 48, 80, 7, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
