@@ -133,8 +133,8 @@ def test_prior_is_the_same_on_one_and_two_threads(model):
             results.append(engine._prior(model, z_hat))
     finally:
         torch.set_num_threads(threads)
-    assert np.array_equal(results[0][1], results[1][1])
-    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])  # the scales the coder uses
+    assert np.allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)  # μ: pixels only
 
 
 def test_fast_transforms_match_float32_layers(model):
