@@ -72,32 +72,35 @@ def _channel_offsets(model: LoadedModel, channel: np.ndarray) -> np.ndarray | No
     return None if model.order_offsets is None else model.order_offsets[channel]
 
 
-def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
-    """(scale levels, M) layer-1 keys; one entry per (scale, channel) pair."""
-    cached = getattr(model, "_first_layer_keys", None)
+def _per_scale_and_channel(model: LoadedModel, name: str, build) -> np.ndarray:
+    """A table with one row per (scale level, channel), built once per model by
+    `build(scale_index, channel)` over every pair and kept on the model as `name`."""
+    cached = getattr(model, name, None)
     if cached is None:
         levels, channels = len(quant.SCALES), len(model.unit)
-        scale_index = np.repeat(np.arange(levels), channels)
-        channel = np.tile(np.arange(channels), levels)
-        cached = quant.first_layer_priority(
-            scale_index, model.int_steps[0][channel], model.unit[channel],
-            _channel_offsets(model, channel)).reshape(levels, channels)
-        model._first_layer_keys = cached
+        rows = build(np.repeat(np.arange(levels), channels), np.tile(np.arange(channels), levels))
+        cached = rows.reshape(levels, channels, *rows.shape[1:])
+        setattr(model, name, cached)
     return cached
+
+
+def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
+    """(scale levels, M) layer-1 keys."""
+    return _per_scale_and_channel(model, "_first_layer_keys", lambda scale_index, channel: (
+        quant.first_layer_priority(scale_index, model.int_steps[0][channel], model.unit[channel],
+                                   _channel_offsets(model, channel))))
 
 
 def _first_layer_tables(model: LoadedModel) -> np.ndarray:
-    """(scale levels, M, 2R+1) layer-1 symbol probabilities, one row per (scale, channel)."""
-    cached = getattr(model, "_first_layer_tables", None)
-    if cached is None:
-        levels, channels = len(quant.SCALES), len(model.unit)
-        scale_index = np.repeat(np.arange(levels), channels)
-        channel = np.tile(np.arange(channels), levels)
-        bounds = quant.first_layer_bounds(model.int_steps[0][channel])
-        sigma_units = quant.SCALES[scale_index] / model.unit[channel]
-        cached = quant.interval_probabilities(bounds, sigma_units).reshape(levels, channels, -1)
-        model._first_layer_tables = cached
-    return cached
+    """(scale levels, M, 2R+1) layer-1 symbol probabilities."""
+    return _per_scale_and_channel(model, "_first_layer_tables", lambda scale_index, channel: (
+        quant.interval_probabilities(quant.first_layer_bounds(model.int_steps[0][channel]),
+                                     quant.SCALES[scale_index] / model.unit[channel])))
+
+
+def _first_layer_rows(model: LoadedModel, state: LatentState, elements: np.ndarray) -> np.ndarray:
+    """The layer-1 table of each of these elements."""
+    return _first_layer_tables(model)[state.scale_index[elements], state.channel[elements]]
 
 
 PRIOR_BAND = 8  # h_s runs on bands of 8 ẑ rows (32 latent rows) ...
@@ -388,9 +391,8 @@ def _encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: n
             elements = order[start:start + CHUNK]
             step = model.int_steps[0][state.channel[elements]]
             q = quant.first_layer_index(y_units[elements], step)
-            tables = _first_layer_tables(model)[state.scale_index[elements], state.channel[elements]]
             encoder.categorical(np.clip(q, -FIRST_LAYER_RANGE, FIRST_LAYER_RANGE) + FIRST_LAYER_RANGE,
-                                tables)
+                                _first_layer_rows(model, state, elements))
             escaped = np.abs(q) >= FIRST_LAYER_RANGE
             excess = np.minimum(np.abs(q[escaped]) - FIRST_LAYER_RANGE, (1 << 2 * ESCAPE_BITS) - 1)
             q[escaped] = np.sign(q[escaped]) * (FIRST_LAYER_RANGE + excess)
@@ -423,8 +425,8 @@ def _decode_layer(model: LoadedModel, state: LatentState, layer: int, data: byte
         symbols = []
         for start in range(0, len(order), CHUNK):
             elements = order[start:start + CHUNK]
-            tables = _first_layer_tables(model)[state.scale_index[elements], state.channel[elements]]
-            symbols.append(decoder.categorical(tables) - FIRST_LAYER_RANGE)
+            symbols.append(decoder.categorical(_first_layer_rows(model, state, elements))
+                           - FIRST_LAYER_RANGE)
         symbols = np.concatenate(symbols)
         escaped = np.nonzero(np.abs(symbols) >= FIRST_LAYER_RANGE)[0]
         excess = _decode_excess(decoder, len(escaped)) if len(symbols) == len(order) else None
