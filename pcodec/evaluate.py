@@ -57,3 +57,70 @@ def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
     if with_midpoint:
         result["psnr_midpoint_reconstruction"] = [round(float(v), 3) for v in mean[:, 2]]
     return result
+
+
+def ideal_bits(lower: np.ndarray, upper: np.ndarray, sigma: np.ndarray) -> float:
+    """-log2 of N(0, sigma)'s mass on each [lower, upper], summed: the code length an ideal
+    coder spends (intervals mirrored to the negative side, where Φ keeps its precision)."""
+    from scipy.special import ndtr
+
+    mirror = (lower + upper) > 0
+    low = np.where(mirror, -upper, lower) / sigma
+    high = np.where(mirror, -lower, upper) / sigma
+    mass = np.maximum(ndtr(high) - ndtr(low), 1e-300)
+    return float(-np.log2(mass).sum())
+
+
+def _uniform_point(model, image: np.ndarray, mu, channel, y_units, sigma, step):
+    """PSNR and ideal code length of y* quantized on a plain grid of `step` (grid units per
+    element) centred on the prior mean, reconstructed at the conditional mean."""
+    from . import quant
+
+    q = np.floor(y_units / step + 0.5)
+    lower, upper = (q - 0.5) * step, (q + 0.5) * step
+    y_star = quant.reconstruct(lower, upper, sigma, np.ones(len(q), bool))
+    y_hat = mu + (y_star * model.unit[channel]).reshape(mu.shape)
+    pixels = engine._render(model, y_hat.astype(np.float32), *image.shape[:2])
+    return psnr(pixels, image), ideal_bits(lower, upper, sigma)
+
+
+def nesting_cost(model, image: np.ndarray, iterations: int = 8) -> list[dict]:
+    """What the embedded (nested) quantizer costs against a plain one, per layer.
+
+    For each layer: the ideal code length of the nested intervals the real decoder holds and
+    its PSNR, and the code length of a uniform quantizer (cells a·s_l centred on the prior
+    mean, conditional-mean reconstruction, same transforms and prior) with `a` bisected to the
+    same PSNR. The difference is the price of progressivity paid in the quantizer alone.
+    """
+    data = engine.encode(model, image)
+    header, payloads, partial = engine.read_stream(model, data)
+    height, width = image.shape[:2]
+    hyper_bits = 8 * len(payloads[0])
+    y, _ = engine.analyse(model, image)
+    latents = engine.decode_latents(model, header, payloads, partial)
+    _, state = next(latents)  # after the hyper-latent: the prior
+    mu, channel, sigma = state.mu, state.channel, state.sigma_units(model)
+    y_units = (y - mu).reshape(-1) / model.unit[channel]
+    rows = []
+    for layers, state in latents:
+        coded = state.coded
+        nested_bits = ideal_bits(state.lower[coded].astype(np.float64),
+                                 state.upper[coded].astype(np.float64), sigma[coded])
+        target = psnr(engine.synthesize(model, state, height, width), image)
+        base_step = model.int_steps[layers - 1][channel].astype(np.float64)
+        low, high = np.log(0.25), np.log(4.0)  # log a; PSNR falls as the step grows
+        samples = []
+        for log_a in [low, high] + [None] * iterations:
+            if log_a is None:
+                log_a = (low + high) / 2
+            samples.append(_uniform_point(model, image, mu, channel, y_units, sigma,
+                                          np.exp(log_a) * base_step))
+            if len(samples) > 2:
+                low, high = (log_a, high) if samples[-1][0] > target else (low, log_a)
+        (q1, b1), (q2, b2) = sorted(samples, key=lambda s: abs(s[0] - target))[:2]
+        weight = 0.0 if q1 == q2 else (target - q1) / (q2 - q1)  # log-rate linear in PSNR
+        uniform_bits = float(np.exp2(np.log2(b1) + weight * (np.log2(b2) - np.log2(b1))))
+        rows.append({"layer": layers, "psnr": target,
+                     "nested_bpp": (nested_bits + hyper_bits) / (height * width),
+                     "uniform_bpp": (uniform_bits + hyper_bits) / (height * width)})
+    return rows

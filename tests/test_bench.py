@@ -79,3 +79,16 @@ def test_reuse_takes_the_codecs_not_run_from_an_earlier_run(tmp_path):
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert len(saved["rows"]) == 16  # the two images of this folder only
     assert abs(result["bd_rate_percent"]["Other"][REFERENCE] - 50.0) < 1e-6
+
+
+def test_nesting_cost_layer_one_is_the_uniform_quantizer(model, sample_image):
+    """Layer 1 of the hierarchy is itself a uniform grid on y - mu, so the bisection must find
+    the same rate there; later layers are compared at their own PSNR, which rises."""
+    from pcodec.evaluate import nesting_cost
+
+    rows = nesting_cost(model, sample_image)
+    assert [row["layer"] for row in rows] == list(range(1, model.layers + 1))
+    assert rows[0]["uniform_bpp"] == pytest.approx(rows[0]["nested_bpp"], rel=0.02)
+    quality = [row["psnr"] for row in rows]
+    assert quality == sorted(quality) and quality[-1] > quality[0]
+    assert all(row["uniform_bpp"] > 0 for row in rows)
