@@ -688,19 +688,24 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
 def run_nesting(folder: Path, out_dir: Path, limit: int | None = None) -> dict:
     """evaluate.nesting_cost over a folder: mean bpp per layer of the nested intervals and of
     a plain uniform quantizer at the same PSNR, and the BD-rate between the two curves."""
-    from .evaluate import nesting_cost
+    from .evaluate import nesting_cost, unquantized_psnr
     from .imageio import read_image
     from .models import load
 
     model = load()
-    per_image = [nesting_cost(model, read_image(str(path), 1 << 30))
-                 for path in image_files(folder, limit)]
+    per_image, ceilings = [], []
+    for path in image_files(folder, limit):
+        image = read_image(str(path), 1 << 30)
+        per_image.append(nesting_cost(model, image))
+        ceilings.append(unquantized_psnr(model, image))
     if not per_image:
         raise ValueError(f"no images in {folder}")
+    ceiling = float(np.mean(ceilings))
     mean = {key: [float(np.mean([rows[k][key] for rows in per_image]))
                   for k in range(len(per_image[0]))]
             for key in ("psnr", "nested_bpp", "uniform_bpp")}
     result = {"model": model.model_id, "images": len(per_image), "folder": str(folder), **mean,
+              "unquantized_psnr": ceiling,
               "bd_rate_nested_vs_uniform_percent": bd_rate(mean["uniform_bpp"], mean["psnr"],
                                                            mean["nested_bpp"], mean["psnr"])}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -719,6 +724,7 @@ def nesting_table(result: dict) -> str:
                  f"{result['bd_rate_nested_vs_uniform_percent']:+.1f} % "
                  f"(images: {result['images']}, model {result['model']}; ideal code lengths "
                  f"plus the real hyper-latent section)")
+    lines.append(f"Transforms alone, y not quantized: {result['unquantized_psnr']:.2f} dB")
     return "\n".join(lines)
 
 

@@ -84,6 +84,13 @@ def _uniform_point(model, image: np.ndarray, mu, channel, y_units, sigma, step):
     return psnr(pixels, image), ideal_bits(lower, upper, sigma)
 
 
+def unquantized_psnr(model, image: np.ndarray) -> float:
+    """PSNR of g_s(g_a(x)) with y not quantized at all: the transforms' own ceiling, which no
+    layer can pass however fine its steps."""
+    y, _ = engine.analyse(model, image)
+    return psnr(engine._render(model, y.astype(np.float32), *image.shape[:2]), image)
+
+
 def nesting_cost(model, image: np.ndarray, iterations: int = 8) -> list[dict]:
     """What the embedded (nested) quantizer costs against a plain one, per layer.
 
