@@ -43,7 +43,9 @@ def cases():
             # session 3's weights, the default until session 5
             ("hp128-dhq8-r3", "hp128-dhq8-r3", 48, 80, 6, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # session 5's weights, the first with coding-order offsets
-            ("hp128-dhq8-r4", "hp128-dhq8-r4", 48, 80, 7, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("hp128-dhq8-r4", "hp128-dhq8-r4", 48, 80, 7, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # session 6's weights, trained on 256x256 crops
+            ("hp128-dhq8-r5", "hp128-dhq8-r5", 48, 80, 8, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
