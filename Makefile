@@ -7,7 +7,7 @@ KODAK  ?= ../shared/data/kodak
 TRAIN  ?= ../shared/data/train
 DEMO   := demo-output
 
-.PHONY: help install test demo bench bench-cuts bench-tools bench-speed train fuzz lint clean
+.PHONY: help install test demo bench bench-cuts bench-tools bench-speed bench-nesting train fuzz lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ bench-cuts: $(STAMP)  ## pcodec alone, 120 byte cuts per Kodak stream -> bench-c
 
 bench-speed: $(STAMP)  ## stage times, images/s, start-up and 4K peak memory beside OpenJPEG
 	$(BIN)/pcodec bench --speed $(KODAK) -o bench-output
+
+bench-nesting: $(STAMP)  ## what the nested quantizer costs vs a plain one, and the transforms' ceiling
+	$(BIN)/pcodec bench --nesting $(KODAK) -o bench-output
 
 train: $(STAMP)  ## train (resumes from ~/.cache/pcodec/runs/hp128) with Kodak evaluation
 	$(BIN)/pcodec train --config hp128 --data $(TRAIN) --kodak $(KODAK)
