@@ -43,6 +43,10 @@ class TrainConfig:
     # log-step by ≈ lr per step, thousands of steps to follow a changed objective.
     step_lr_scale: float = 10.0
     clip: float = 1.0
+    # Exponential moving average of the weights (0: off). At batch 4 the weights wander: on
+    # 6 Kodak images, checkpoints 3,400 steps apart at lr 1e-4 measured +8.2 % and +13.5 %
+    # BD-rate against -r5, their plain average +4.4 %. Evaluation and export use the average.
+    ema_decay: float = 0.0
     lambdas: tuple = LAMBDA_LADDER
     autocast: bool = True  # bf16 transforms, fp32 entropy models
     channels_last: bool = True
@@ -161,6 +165,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
          {"params": [model.log_steps], "lr_scale": config.step_lr_scale}], lr=config.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
     state = {"step": 0, "seconds": 0.0, "images": 0, "history": []}
+    saved_average = None
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(checkpoint["model"])
@@ -170,6 +175,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             group["lr_scale"] = scale
         aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
         state = checkpoint["state"]
+        saved_average = checkpoint.get("ema")
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
     elif init_weights is not None:
         weights = torch.load(init_weights, weights_only=False)
@@ -185,6 +191,14 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
               file=log)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    average = None
+    if config.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # Starts as a copy of the current weights (its first update copies).
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+        if saved_average is not None:
+            average.load_state_dict(saved_average)
     forward = torch.compile(model) if config.compile else model
     sampler = PatchSampler(data, config.patch, config.seed + state["step"])
     lambdas_all = torch.tensor(config.lambdas)
@@ -231,6 +245,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if torch.isfinite(aux_loss):
             aux_loss.backward()
             aux_optimizer.step()
+        if average is not None:
+            average.update_parameters(model)
 
         state["step"] += 1
         state["images"] += config.batch
@@ -264,14 +280,19 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             state["history"].append(record)
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "aux_optimizer": aux_optimizer.state_dict(), "state": state,
-                         "config": asdict(config)}, checkpoint_path)
+                         "config": asdict(config),
+                         **({"ema": average.state_dict()} if average is not None else {})},
+                        checkpoint_path)
             window_start = time.perf_counter()
         if kodak is not None and state["step"] % config.eval_every == 0:
-            evaluate_and_record(model, config, state, kodak, run_dir, log)
+            # The running weights too, while the average is new: the evidence for it.
+            evaluate_and_record(model, config, state, kodak, run_dir, log, "raw")
+            if average is not None:
+                evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
     return model, state
 
 
-def evaluate_and_record(model, config, state, kodak, run_dir, log):
+def evaluate_and_record(model, config, state, kodak, run_dir, log, weights="raw"):
     """Real-bitstream evaluation on Kodak: every layer of actual .pcb files."""
     from .evaluate import evaluate_weights
 
@@ -281,10 +302,11 @@ def evaluate_and_record(model, config, state, kodak, run_dir, log):
     result = evaluate_weights(weights_path, kodak, limit=config.eval_images)
     weights_path.unlink()
     model.train()
-    record = {"step": state["step"], "hours": round(state["seconds"] / 3600, 4), **result}
+    record = {"step": state["step"], "hours": round(state["seconds"] / 3600, 4),
+              "weights": weights, **result}
     with open(run_dir / "eval.log", "a") as f:
         f.write(json.dumps(record) + "\n")
-    print("eval step {} | {}".format(state["step"], " ".join(
+    print("eval step {} {} | {}".format(state["step"], weights, " ".join(
         f"{b:.3f}/{p:.2f}" for b, p in zip(result["bpp"], result["psnr"]))), file=log, flush=True)
 
 
@@ -359,7 +381,8 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
 
 
 def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None = None):
-    """Weights file from a training checkpoint (drops the optimizer state)."""
+    """Weights file from a training checkpoint (drops the optimizer state); the moving
+    average of the weights when the run kept one."""
     import torch
 
     from .network import HyperpriorNetwork, NetworkConfig
@@ -368,6 +391,12 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
     config = TrainConfig(**{**checkpoint["config"], "lambdas": tuple(checkpoint["config"]["lambdas"])})
     model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M, layers=len(config.lambdas)))
     model.load_state_dict(checkpoint["model"])
+    if "ema" in checkpoint:
+        from torch.optim.swa_utils import AveragedModel
+
+        average = AveragedModel(model)
+        average.load_state_dict(checkpoint["ema"])
+        model = average.module
     export_weights(model, config, checkpoint["state"], path, gain_data)
 
 
@@ -493,11 +522,13 @@ def plot_learning_curve(history: list[dict], evals: list[dict], path: Path):
     left.set_yscale("log")
     left.grid(alpha=0.3)
     if evals:
-        hours = [e["hours"] for e in evals]
-        for layer in range(len(evals[-1]["psnr"])):
-            right.plot(hours, [e["psnr"][layer] for e in evals], marker=".",
-                       label=f"layer {layer + 1}")
-        right.legend(fontsize=7, ncol=2)
+        for weights, style in (("raw", "-"), ("ema", "--")):
+            chosen = [e for e in evals if e.get("weights", "raw") == weights]
+            for layer in range(len(chosen[-1]["psnr"]) if chosen else 0):
+                right.plot([e["hours"] for e in chosen], [e["psnr"][layer] for e in chosen],
+                           style, marker=".", color=f"C{layer}",
+                           label=f"layer {layer + 1}" + (" (average)" if weights == "ema" else ""))
+        right.legend(fontsize=6, ncol=2)
     right.set_xlabel("CPU hours (2 cores)")
     right.set_ylabel("Kodak PSNR (dB), real .pcb files")
     right.grid(alpha=0.3)

@@ -94,3 +94,24 @@ def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_pat
     monkeypatch.setattr(train, "rd_loss", always_nan)
     with pytest.raises(SystemExit, match="diverged"):
         train.train(config, photos, tmp_path / "run", 4, None, None)
+
+
+def test_a_moving_average_of_the_weights_resumes_and_is_what_gets_exported(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0.5)
+    run = tmp_path / "run"
+    train.train(config, photos, run, 2, None, None)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["ema"]["n_averaged"] == 2
+    model, _ = train.train(config, photos, run, 4, None, None)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["ema"]["n_averaged"] == 4  # carried over the resume, not restarted
+
+    train.export_checkpoint(run / "checkpoint.pt", tmp_path / "w.pt")
+    exported = torch.load(tmp_path / "w.pt", weights_only=False)["model"]
+    averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items()}
+    name = "g_s.0.weight" if "g_s.0.weight" in exported else next(
+        k for k in exported if k.endswith("weight"))
+    assert torch.equal(exported[name], averaged[name].float())
+    assert not torch.equal(exported[name], checkpoint["model"][name].float())
+    weights = load_weights_file(tmp_path / "w.pt")
+    image = synthetic_image(40, 56, 5)
+    assert engine.decode(weights, engine.encode(weights, image)).shape == image.shape
