@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 KODAK  ?= ../shared/data/kodak
 TRAIN  ?= ../shared/data/train
 DEMO   := demo-output
+PHOTOS := photos-output
 
-.PHONY: help install test demo bench bench-cuts bench-tools bench-speed bench-nesting train fuzz lint clean
+.PHONY: help install test demo bench bench-cuts bench-tools bench-speed bench-nesting bench-photos train fuzz lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -51,6 +52,17 @@ bench-speed: $(STAMP)  ## stage times, images/s, start-up and 4K peak memory bes
 bench-nesting: $(STAMP)  ## what the nested quantizer costs vs a plain one, and the transforms' ceiling
 	$(BIN)/pcodec bench --nesting $(KODAK) -o bench-output
 
+# Photos outside the training set and Kodak, which no model choice here looked at: the four
+# colour photographs scikit-image 0.26.0 ships, taken from its wheel on PyPI, checked by hash.
+$(PHOTOS)/images/.ok: | $(STAMP)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --dest $(PHOTOS) \
+	  scikit-image==0.26.0 --only-binary :all: --platform manylinux_2_28_x86_64 --python-version 3.11
+	$(BIN)/python tests/photos.py $(PHOTOS)/scikit_image-0.26.0-*.whl $(PHOTOS)/images
+	touch $@
+
+bench-photos: $(STAMP) $(PHOTOS)/images/.ok  ## RD on 4 photos nobody tuned to (scikit-image's)
+	$(BIN)/pcodec bench $(PHOTOS)/images -o $(PHOTOS)
+
 train: $(STAMP)  ## train (resumes from ~/.cache/pcodec/runs/hp128) with Kodak evaluation
 	$(BIN)/pcodec train --config hp128 --data $(TRAIN) --kodak $(KODAK)
 
@@ -61,4 +73,4 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check pcodec tests
 
 clean:  ## remove outputs (keeps .venv)
-	rm -rf $(DEMO) .pytest_cache bench-output bench-cuts-output
+	rm -rf $(DEMO) .pytest_cache bench-output bench-cuts-output $(PHOTOS)
