@@ -39,6 +39,19 @@ def test_set_overrides_parse_into_the_field_types():
     assert train.parse_setting(config.steps, "100") == 100
     assert train.parse_setting(config.compile, "true") is True
     assert train.parse_setting(config.compile, "0") is False
+    assert train.parse_setting(config.layer_weights, "3.9,0.61") == (3.9, 0.61)
+
+
+def test_layer_weights_scale_each_image_loss_by_its_layer_weight():
+    torch.manual_seed(0)
+    x, x_hat = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    y_lik, z_lik = torch.rand(2, 4, 2, 2) * 0.9 + 0.05, torch.ones(2, 4, 1, 1)
+    lambdas = torch.tensor([0.001, 0.1])
+    plain, bpp, mse = train.rd_loss(x, x_hat, y_lik, z_lik, lambdas)
+    per_image = lambdas * 255**2 * mse + bpp
+    assert torch.allclose(plain, per_image.mean())
+    weighted, _, _ = train.rd_loss(x, x_hat, y_lik, z_lik, lambdas, torch.tensor([4.0, 0.5]))
+    assert torch.allclose(weighted, (per_image * torch.tensor([4.0, 0.5])).mean())
 
 
 def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
