@@ -544,7 +544,8 @@ def tiled(transform, source, factor: float, tile: int | None = None, margin: int
             with ThreadPoolExecutor(min(workers, len(boxes))) as pool:
                 for box, piece in zip(boxes, pool.map(run, boxes)):
                     place(box, piece)
-            _release_freed_memory()
+            if height * width > LARGE_IMAGE_LATENTS:  # 14 ms a call, worth it above 1 MP
+                _release_freed_memory()
     return output
 
 
