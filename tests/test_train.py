@@ -128,3 +128,16 @@ def test_a_moving_average_of_the_weights_resumes_and_is_what_gets_exported(photo
     weights = load_weights_file(tmp_path / "w.pt")
     image = synthetic_image(40, 56, 5)
     assert engine.decode(weights, engine.encode(weights, image)).shape == image.shape
+
+
+def test_training_sees_the_coders_scale_range():
+    from pcodec import quant
+    from pcodec.network import SCALE_MAX, SCALE_MIN, HyperpriorNetwork, NetworkConfig
+
+    # The coder snaps σ into its table; training must never use a σ the coder cannot.
+    assert np.isclose(quant.SCALES[0], SCALE_MIN) and np.isclose(quant.SCALES[-1], SCALE_MAX)
+    model = HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=3))
+    with torch.no_grad():
+        model.h_s[-1].bias.fill_(1e4)  # every σ (and μ) far above the table
+        _, scales = model.prior(torch.zeros(1, 16, 2, 2))
+    assert float(scales.max()) == SCALE_MAX
