@@ -47,6 +47,12 @@ class TrainConfig:
     # 6 Kodak images, checkpoints 3,400 steps apart at lr 1e-4 measured +8.2 % and +13.5 %
     # BD-rate against -r5, their plain average +4.4 %. Evaluation and export use the average.
     ema_decay: float = 0.0
+    # Mean step of the finest layer, held fixed after every update (0: free). y/c with every
+    # step/c codes the same, so nothing else sets y's scale, and under Adam it grew: the median
+    # prior σ on kodim01 was 11.7 at step 40,000, 24 at 47,000, 62 at 55,500 and 47 again
+    # 2,800 steps after a rescale to 29, past the coder's σ table (≤ 64) each time. Holding
+    # the step scale pins y's. -r5's finest mean step is 7.0.
+    finest_step: float = 0.0
     lambdas: tuple = LAMBDA_LADDER
     # A weight per layer on its loss (empty: all 1). Unweighted, a layer's loss grows with its
     # λ — at step 50,000, 0.32 for layer 1 and 13.4 for layer 8 — so the finest two layers
@@ -257,6 +263,9 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if torch.isfinite(aux_loss):
             aux_loss.backward()
             aux_optimizer.step()
+        if config.finest_step > 0:
+            with torch.no_grad():  # a shift of every log-step: the pure rescaling direction
+                model.log_steps -= model.log_steps[-1].mean() - math.log(config.finest_step)
         if average is not None:
             average.update_parameters(model)
 

@@ -141,3 +141,12 @@ def test_training_sees_the_coders_scale_range():
         model.h_s[-1].bias.fill_(1e4)  # every σ (and μ) far above the table
         _, scales = model.prior(torch.zeros(1, 16, 2, 2))
     assert float(scales.max()) == SCALE_MAX
+
+
+def test_an_anchored_finest_step_holds_the_scale_of_y(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=3, threads=1, finest_step=2.5)
+    model, _ = train.train(config, photos, tmp_path / "run", 3, None, None)
+    log_steps = model.log_steps.detach()
+    assert torch.isclose(log_steps[-1].mean(), torch.tensor(np.log(2.5), dtype=log_steps.dtype))
+    free, _ = train.train(replace(config, finest_step=0.0), photos, tmp_path / "free", 3, None, None)
+    assert not torch.isclose(free.log_steps.detach()[-1].mean(), log_steps[-1].mean())
