@@ -164,6 +164,18 @@ class HyperpriorNetwork(nn.Module):
     def steps(self) -> torch.Tensor:
         return torch.exp(self.log_steps)
 
+    def rescale_latent(self, c: float):
+        """y → y/c with every step, μ and σ divided by c: the same codec up to the σ clamps.
+        Nothing in the loss fixes this scale (train.TrainConfig.finest_step holds it)."""
+        with torch.no_grad():
+            self.g_a[-1].weight /= c
+            self.g_a[-1].bias /= c
+            self.g_s[0].weight *= c
+            self.h_a[0].weight *= c
+            self.h_s[-1].weight /= c
+            self.h_s[-1].bias /= c
+            self.log_steps -= math.log(c)
+
     def prior(self, z_hat: torch.Tensor):
         """Mean and scale of the conditional Gaussian of y given the hyper-latent."""
         params = self.h_s(z_hat).float()

@@ -150,3 +150,18 @@ def test_an_anchored_finest_step_holds_the_scale_of_y(photos, tmp_path):
     assert torch.isclose(log_steps[-1].mean(), torch.tensor(np.log(2.5), dtype=log_steps.dtype))
     free, _ = train.train(replace(config, finest_step=0.0), photos, tmp_path / "free", 3, None, None)
     assert not torch.isclose(free.log_steps.detach()[-1].mean(), log_steps[-1].mean())
+
+
+def test_rescaling_the_latent_leaves_the_codec_unchanged():
+    from pcodec.network import HyperpriorNetwork, NetworkConfig
+
+    torch.manual_seed(1)
+    model = HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=3)).eval()
+    with torch.no_grad():
+        model.h_s[-1].bias[:24] = 5.0  # σ ≈ 5 before and 2.5 after: clear of the clamps
+    x, layer_of = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    before = model(x, layer_of, autocast=False)
+    model.rescale_latent(2.0)
+    after = model(x, layer_of, autocast=False)
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
