@@ -24,8 +24,8 @@ from .transforms import build_transforms
 
 # The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64). Training
 # once clamped only from below: nothing fixes the scale of y (y/c, steps/c, μ/c, σ/c code the
-# same), it drifted up at lr 1e-4, and by step 56,000 80 % of Kodak's σ were above 64, where
-# the coder snaps them to 64 — real files +8 to +36 % BD-rate while the training loss held.
+# same), it drifted up at lr 1e-4, and by step 56,200 80 % of kodim01's σ were above 64, where
+# the coder snaps them to 64: real files got worse while the training loss held.
 SCALE_MIN, SCALE_MAX = 0.04, 64.0
 SLIVER = 0.3  # DeepHQ's boundary-aware threshold: slivers narrower than 0.3 step are merged
 LIKELIHOOD_MIN = 1e-9
