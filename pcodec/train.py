@@ -51,9 +51,8 @@ class TrainConfig:
     # step/c codes the same, so nothing else sets y's scale, and under Adam it grew: the median
     # prior σ on kodim01 was 11.7 at step 40,000, 24 at 47,000, 62 at 55,500 and 47 again
     # 2,800 steps after a rescale to 29, past the coder's σ table (≤ 64) each time. Holding
-    # the step scale pins y's. -r5's finest mean step is 7.0. Not the default yet: both runs
-    # that held it (--set finest_step=7.0) stopped on non-finite batches, 1,000 and 300 steps
-    # in, and the cause is not found.
+    # the step scale pins y's (by rescaling y after every update). -r5's finest mean step is
+    # 7.0. Opt-in (--set finest_step=7.0) until a run has shown it stable.
     finest_step: float = 0.0
     lambdas: tuple = LAMBDA_LADDER
     # A weight per layer on its loss (empty: all 1). Unweighted, a layer's loss grows with its
@@ -267,9 +266,9 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if torch.isfinite(aux_loss):
             aux_loss.backward()
             aux_optimizer.step()
-        if config.finest_step > 0:
-            with torch.no_grad():  # a shift of every log-step: the pure rescaling direction
-                model.log_steps -= model.log_steps[-1].mean() - math.log(config.finest_step)
+        # Rescale y, not just the steps: shifting the log-steps alone (session 8's first try)
+        # made the quantizer finer against y at every update, and both runs that did it diverged.
+        hold_finest_step(model, config.finest_step)
         if average is not None:
             average.update_parameters(model)
 
@@ -318,15 +317,17 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     return model, state
 
 
-def hold_finest_step(model, finest_step: float, log):
-    """Rescale y so the finest layer's mean step is `finest_step` (weights from a run that
-    did not hold it): the same codec, so the anchor does not jolt a resumed run."""
+def hold_finest_step(model, finest_step: float, log=None):
+    """Rescale y so the finest layer's mean step is `finest_step`: the same codec (network.
+    rescale_latent), so holding it never changes what the model does, only its scale."""
     if finest_step <= 0:
         return
     c = math.exp(float(model.log_steps.detach()[-1].mean())) / finest_step
-    if abs(c - 1) > 1e-6:
+    if abs(c - 1) > 1e-9:
         model.rescale_latent(c)
-        print(f"rescaled y by 1/{c:.4g} to hold the finest mean step at {finest_step}", file=log)
+        if log is not None and abs(c - 1) > 1e-3:
+            print(f"rescaled y by 1/{c:.4g} to hold the finest mean step at {finest_step}",
+                  file=log)
 
 
 def evaluate_and_record(model, config, state, kodak, run_dir, log, weights="raw"):

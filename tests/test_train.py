@@ -148,7 +148,8 @@ def test_an_anchored_finest_step_holds_the_scale_of_y(photos, tmp_path):
     model, _ = train.train(config, photos, tmp_path / "run", 3, None, None)
     log_steps = model.log_steps.detach()
     assert torch.isclose(log_steps[-1].mean(), torch.tensor(np.log(2.5), dtype=log_steps.dtype))
-    free, _ = train.train(replace(config, finest_step=0.0), photos, tmp_path / "free", 3, None, None)
+    free, _ = train.train(replace(config, finest_step=0.0), photos, tmp_path / "free", 3, None,
+                          None)
     assert not torch.isclose(free.log_steps.detach()[-1].mean(), log_steps[-1].mean())
 
 
