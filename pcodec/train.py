@@ -318,8 +318,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
 
 
 def hold_finest_step(model, finest_step: float, log=None):
-    """Rescale y so the finest layer's mean step is `finest_step`: the same codec (network.
-    rescale_latent), so holding it never changes what the model does, only its scale."""
+    """Rescale y so the finest layer's mean step is `finest_step`: the same codec up to the σ
+    clamps (network.rescale_latent), so holding it changes the scale of y, not what it codes."""
     if finest_step <= 0:
         return
     c = math.exp(float(model.log_steps.detach()[-1].mean())) / finest_step
