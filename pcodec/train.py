@@ -240,7 +240,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
                                  for _ in range(config.batch)])
         x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=config.autocast)
-        loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, lambdas_all[layer_of - 1],
+        batch_lambdas = lambdas_all[layer_of - 1]
+        loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas,
                                  None if weights_all is None else weights_all[layer_of - 1])
         optimizer.zero_grad(set_to_none=True)
         # A rare bad batch must not poison the weights: skip it when its loss or its gradient
@@ -276,7 +277,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         state["images"] += config.batch
         state["seconds"] += time.perf_counter() - step_start
         # The log keeps the unweighted loss, comparable across runs.
-        window["loss"] += float((lambdas_all[layer_of - 1] * 255**2 * mse + bpp).mean())
+        window["loss"] += float((batch_lambdas * 255**2 * mse + bpp).mean())
         window["n"] += 1
         for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
             window["bpp"][layer - 1] += b
@@ -310,7 +311,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                         checkpoint_path)
             window_start = time.perf_counter()
         if kodak is not None and state["step"] % config.eval_every == 0:
-            # The running weights too, while the average is new: the evidence for it.
+            # The running weights too: their distance to the average is the case for it.
             evaluate_and_record(model, config, state, kodak, run_dir, log, "raw")
             if average is not None:
                 evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
@@ -428,13 +429,10 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     config = TrainConfig(**{**checkpoint["config"], "lambdas": tuple(checkpoint["config"]["lambdas"])})
     model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M, layers=len(config.lambdas)))
-    model.load_state_dict(checkpoint["model"])
-    if "ema" in checkpoint:
-        from torch.optim.swa_utils import AveragedModel
-
-        average = AveragedModel(model)
-        average.load_state_dict(checkpoint["ema"])
-        model = average.module
+    # An AveragedModel's state is the module's under "module." plus a step count.
+    average = {k.removeprefix("module."): v for k, v in checkpoint.get("ema", {}).items()
+               if k != "n_averaged"}
+    model.load_state_dict(average or checkpoint["model"])
     export_weights(model, config, checkpoint["state"], path, gain_data)
 
 
