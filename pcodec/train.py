@@ -70,7 +70,8 @@ class TrainConfig:
     notes: dict = field(default_factory=dict)
 
 
-MAX_SKIPS_IN_A_ROW = 20  # non-finite batches in a row: the weights are gone, stop
+MAX_SKIPS_IN_A_ROW = 20  # non-finite batches in a row: the weights are gone, roll back
+MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
 
 
 CONFIGS = {
@@ -180,7 +181,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
     state = {"step": 0, "seconds": 0.0, "images": 0, "history": []}
     saved_average = None
-    if checkpoint_path.exists():
+
+    def restore():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, main_params, checkpoint["optimizer"])
@@ -188,8 +190,10 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         for group, scale in zip(optimizer.param_groups, (1.0, config.step_lr_scale)):
             group["lr_scale"] = scale
         aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
-        state = checkpoint["state"]
-        saved_average = checkpoint.get("ema")
+        return checkpoint["state"], checkpoint.get("ema")
+
+    if checkpoint_path.exists():
+        state, saved_average = restore()
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
     elif init_weights is not None:
         weights = torch.load(init_weights, weights_only=False)
@@ -224,11 +228,15 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     weights_all = torch.tensor(config.layer_weights) if config.layer_weights else None
     layer_rng = random.Random(config.seed * 7919 + state["step"])
     log_path = run_dir / "train.log"
-    window = {"loss": 0.0, "n": 0, "bpp": np.zeros(len(config.lambdas)),
-              "mse": np.zeros(len(config.lambdas)), "count": np.zeros(len(config.lambdas))}
+
+    def new_window():  # statistics between two log lines
+        zeros = np.zeros(len(config.lambdas))
+        return {"loss": 0.0, "n": 0, "bpp": zeros.copy(), "mse": zeros.copy(),
+                "count": zeros.copy(), "grad_norm": [], "started": time.perf_counter()}
+
+    window = new_window()
     model.train()
-    window_start = time.perf_counter()
-    skipped_in_a_row = 0
+    skipped_in_a_row, rollbacks = 0, 0
     while state["step"] < steps:
         step_start = time.perf_counter()
         lr = learning_rate(config, state["step"])
@@ -251,14 +259,33 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         finite = bool(torch.isfinite(loss))
         if finite:
             loss.backward()
-            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(main_params, config.clip)))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(main_params, config.clip))
+            finite = math.isfinite(grad_norm)
         if not finite:
             state["skipped"] = state.get("skipped", 0) + 1
             skipped_in_a_row += 1
-            if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            if skipped_in_a_row < MAX_SKIPS_IN_A_ROW:
+                continue
+            if rollbacks == MAX_ROLLBACKS or not checkpoint_path.exists():
                 raise SystemExit(f"training diverged: {skipped_in_a_row} non-finite batches in a "
                                  f"row at step {state['step']}; resume from the checkpoint, "
                                  f"perhaps with a lower --set lr=")
+            # Unattended runs (session 9's stopped at 61,772; a rerun of the same batches went
+            # past it): back to the last checkpoint, on other batches.
+            rollbacks += 1
+            diverged_at, skipped = state["step"], state["skipped"]
+            state, saved_average = restore()
+            state["skipped"] = skipped
+            if average is not None and saved_average is not None:
+                average.load_state_dict(saved_average)
+            state["rollbacks"] = state.get("rollbacks", 0) + 1
+            sampler.rng = np.random.default_rng([config.seed, state["step"], state["rollbacks"]])
+            layer_rng = random.Random(f"{config.seed} {state['step']} {state['rollbacks']}")
+            skipped_in_a_row = 0
+            window = new_window()
+            print(f"{MAX_SKIPS_IN_A_ROW} non-finite batches in a row at step {diverged_at}: back "
+                  f"to the checkpoint at step {state['step']}, other batches "
+                  f"(rollback {rollbacks} of {MAX_ROLLBACKS})", file=log, flush=True)
             continue
         skipped_in_a_row = 0
         optimizer.step()
@@ -279,12 +306,13 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         # The log keeps the unweighted loss, comparable across runs.
         window["loss"] += float((batch_lambdas * 255**2 * mse + bpp).mean())
         window["n"] += 1
+        window["grad_norm"].append(grad_norm)
         for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
             window["bpp"][layer - 1] += b
             window["mse"][layer - 1] += m
             window["count"][layer - 1] += 1
         if state["step"] % config.checkpoint_every == 0 or state["step"] == steps:
-            elapsed = time.perf_counter() - window_start
+            elapsed = time.perf_counter() - window["started"]
             count = np.maximum(window["count"], 1)
             psnr = np.where(window["count"] > 0,
                             -10 * np.log10(np.maximum(window["mse"] / count, 1e-10)), np.nan)
@@ -294,6 +322,9 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 "images_per_s": round(window["n"] * config.batch / elapsed, 2),
                 "bpp": [round(float(v), 4) for v in (window["bpp"] / count)],
                 "psnr": [round(float(v), 2) for v in psnr],
+                # before clipping: a spike here is the step that disturbed a run
+                "grad_norm_median_max": [round(float(np.median(window["grad_norm"])), 4),
+                                         round(max(window["grad_norm"]), 4)],
             }
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -301,15 +332,13 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                   f"{record['loss']} | layer bpp/psnr "
                   + " ".join(f"{b:.2f}/{p:.1f}" for b, p in zip(record["bpp"], record["psnr"])),
                   file=log, flush=True)
-            window = {"loss": 0.0, "n": 0, "bpp": np.zeros(len(config.lambdas)),
-                      "mse": np.zeros(len(config.lambdas)), "count": np.zeros(len(config.lambdas))}
+            window = new_window()
             state["history"].append(record)
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "aux_optimizer": aux_optimizer.state_dict(), "state": state,
                          "config": asdict(config),
                          **({"ema": average.state_dict()} if average is not None else {})},
                         checkpoint_path)
-            window_start = time.perf_counter()
         if kodak is not None and state["step"] % config.eval_every == 0:
             # The running weights too: their distance to the average is the case for it.
             evaluate_and_record(model, config, state, kodak, run_dir, log, "raw")

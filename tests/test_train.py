@@ -1,3 +1,4 @@
+import io
 import json
 from dataclasses import replace
 
@@ -105,8 +106,34 @@ def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_pat
         return loss * float("nan"), bpp, mse
 
     monkeypatch.setattr(train, "rd_loss", always_nan)
+    log = io.StringIO()
     with pytest.raises(SystemExit, match="diverged"):
-        train.train(config, photos, tmp_path / "run", 4, None, None)
+        train.train(config, photos, tmp_path / "run", 4, None, None, log)
+    assert log.getvalue().count("back to the checkpoint at step 2") == train.MAX_ROLLBACKS
+
+
+def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path, monkeypatch):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    run = tmp_path / "run"
+    train.train(config, photos, run, 2, None, None)
+    real_loss = train.rd_loss
+    calls = {"n": 0}
+
+    def nan_after_one_step(*args):  # step 3 goes, then 20 NaN batches, then all is well
+        loss, bpp, mse = real_loss(*args)
+        calls["n"] += 1
+        if 2 <= calls["n"] < 2 + train.MAX_SKIPS_IN_A_ROW:
+            loss = loss * float("nan")
+        return loss, bpp, mse
+
+    monkeypatch.setattr(train, "rd_loss", nan_after_one_step)
+    log = io.StringIO()
+    model, state = train.train(config, photos, run, 4, None, None, log)
+    assert "at step 3: back to the checkpoint at step 2" in log.getvalue()
+    assert state["step"] == 4 and state["rollbacks"] == 1
+    assert state["skipped"] == train.MAX_SKIPS_IN_A_ROW
+    assert calls["n"] == 1 + train.MAX_SKIPS_IN_A_ROW + 2  # steps 3 and 4 done again
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
 
 
 def test_a_moving_average_of_the_weights_resumes_and_is_what_gets_exported(photos, tmp_path):
