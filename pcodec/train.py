@@ -332,13 +332,13 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                   f"{record['loss']} | layer bpp/psnr "
                   + " ".join(f"{b:.2f}/{p:.1f}" for b, p in zip(record["bpp"], record["psnr"])),
                   file=log, flush=True)
-            window = new_window()
             state["history"].append(record)
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "aux_optimizer": aux_optimizer.state_dict(), "state": state,
                          "config": asdict(config),
                          **({"ema": average.state_dict()} if average is not None else {})},
                         checkpoint_path)
+            window = new_window()
         if kodak is not None and state["step"] % config.eval_every == 0:
             # The running weights too: their distance to the average is the case for it.
             evaluate_and_record(model, config, state, kodak, run_dir, log, "raw")
