@@ -81,6 +81,23 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     assert decoded.shape == image.shape and np.isfinite(psnr(image, decoded))
 
 
+def test_a_resumed_run_climbs_back_to_a_higher_rate_gradually(photos, tmp_path):
+    assert train.rewarmed(1e-4, None, 0) == 1e-4  # a fresh run: the schedule as it is
+    assert train.rewarmed(1e-5, 1e-4, 0) == 1e-5  # lower than before: at once
+    climb = [train.rewarmed(1e-4, 1e-6, s) for s in range(0, train.REWARM_STEPS + 1, 100)]
+    assert climb[0] == pytest.approx(1e-6) and climb[-1] == pytest.approx(1e-4)
+    assert all(a < b for a, b in zip(climb, climb[1:]))
+    assert climb[5] == pytest.approx(1e-5)  # geometric: halfway in steps, halfway in log
+
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, lr=1e-6,
+                     decay_start=10**6)
+    run = tmp_path / "run"
+    train.train(config, photos, run, 202, None, None)  # past the 200-step start-up warm-up
+    _, state = train.train(replace(config, lr=1e-3), photos, run, 206, None, None)
+    rates = [record["lr"] for record in state["history"][-2:]]
+    assert 1e-6 < rates[0] < rates[1] < 1e-5  # steps 204 and 206, not 1e-3 at once
+
+
 def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_path, monkeypatch):
     config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     real_loss = train.rd_loss
