@@ -120,6 +120,10 @@ class PatchSampler:
         if not self.images:
             raise SystemExit(f"no training images of at least {patch}x{patch} in {folder}")
         self.patch = patch
+        self.reseed(seed)
+
+    def reseed(self, seed):
+        """Another stream of crops from the same decoded images (a rollback draws one)."""
         self.rng = np.random.default_rng(seed)
 
     def batch(self, size: int) -> np.ndarray:
@@ -295,7 +299,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             if average is not None and saved_average is not None:
                 average.load_state_dict(saved_average)
             state["rollbacks"] = state.get("rollbacks", 0) + 1
-            sampler.rng = np.random.default_rng([config.seed, state["step"], state["rollbacks"]])
+            sampler.reseed([config.seed, state["step"], state["rollbacks"]])
             layer_rng = random.Random(f"{config.seed} {state['step']} {state['rollbacks']}")
             skipped_in_a_row = 0
             window = new_window()
