@@ -216,9 +216,17 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
     elif init_weights is not None:
         weights = torch.load(init_weights, weights_only=False)
+        init_state = weights["model"]
+        init_M = init_state["log_steps"].shape[1]
+        if init_M < config.M:  # --set M=... wider than the weights: widen the latent
+            from .network import widen_latent
+
+            init_state = widen_latent(init_state, model, seed=config.seed)
+            print(f"widened the latent of {init_weights} from M={init_M} to M={config.M}",
+                  file=log)
         # Tolerate parameters an older architecture had and this one dropped (e.g. DeepHQ's
         # dequantization gains), never missing ones.
-        missing, unexpected = model.load_state_dict(weights["model"], strict=False)
+        missing, unexpected = model.load_state_dict(init_state, strict=False)
         if missing:
             raise SystemExit(f"{init_weights} lacks parameters: {', '.join(missing)}")
         if unexpected:
@@ -453,7 +461,7 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
 
     from .models import hyper_latent_table, load_weights_file
 
-    state_dict = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state_dict = {k: compact(v.detach().float().contiguous()) for k, v in model.state_dict().items()}
     z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
     saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
              "state": json.loads(json.dumps(
@@ -466,6 +474,20 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
         gains = channel_gains(load_weights_file(path), training_crops(gain_data))
         saved["order_offsets"] = torch.from_numpy(order_offsets(gains))
         save_atomic(saved, path)
+
+
+# Convolution kernels this large are stored in float16: a model with M = 320 has 12.6 M
+# parameters, 51 MB in float32, and weights files must stay under 30 MB. Every machine widens
+# the same stored values to float32/float64 the same way, so coding stays bit-exact; a
+# kernel's relative rounding is 2^-11. Small tensors (steps, GDN, biases, the hyper-latent's
+# model) keep float32.
+HALF_PRECISION_MIN_ELEMENTS = 100_000
+
+
+def compact(tensor):
+    if tensor.dim() == 4 and tensor.numel() >= HALF_PRECISION_MIN_ELEMENTS:
+        return tensor.half()
+    return tensor
 
 
 def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None = None):

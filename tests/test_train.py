@@ -209,3 +209,76 @@ def test_rescaling_the_latent_leaves_the_codec_unchanged():
     after = model(x, layer_of, autocast=False)
     for a, b in zip(before, after):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_widening_the_latent_leaves_the_codec_unchanged_and_the_new_channels_learn():
+    from pcodec.network import HyperpriorNetwork, NetworkConfig, widen_latent
+
+    torch.manual_seed(2)
+    narrow = HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=3)).eval()
+    with torch.no_grad():
+        narrow.h_s[-1].bias[:24] = 5.0  # σ clear of the clamps
+        narrow.log_steps += 3.0  # steps as a trained model's: the finest 3.2, not 0.16
+    wide = HyperpriorNetwork(NetworkConfig(N=16, M=40, layers=3)).eval()
+    wide.load_state_dict(widen_latent(narrow.state_dict(), wide))
+    x = torch.rand(2, 3, 64, 64)
+    for layer in (1, 2, 3):
+        layer_of = torch.tensor([layer, layer])
+        before, after = narrow(x, layer_of, autocast=False), wide(x, layer_of, autocast=False)
+        assert torch.allclose(before[0], after[0], atol=1e-5)  # the same reconstruction
+        assert torch.allclose(before[2], after[2])  # the same hyper-latent
+        assert torch.allclose(before[1], after[1][:, :24])  # old channels: the same rate
+        assert float(-torch.log2(after[1][:, 24:]).mean()) < 1e-3  # new ones: no bits yet
+    wide.train()
+    x_hat, _, _ = wide(x, torch.tensor([3, 3]), autocast=False)
+    ((x_hat - x) ** 2).mean().backward()
+    assert float(wide.g_a[-1].weight.grad[24:].abs().sum()) > 0  # the new channels will move
+
+
+def test_training_can_start_from_narrower_weights(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    train.train(config, photos, tmp_path / "narrow", 2, None, None)
+    weights = tmp_path / "narrow.pt"
+    train.export_checkpoint(tmp_path / "narrow" / "checkpoint.pt", weights)
+    log = io.StringIO()
+    model, state = train.train(replace(config, M=40), photos, tmp_path / "wide", 4, weights,
+                               None, log=log)
+    assert "from M=24 to M=40" in log.getvalue()
+    assert model.log_steps.shape[1] == 40 and state["step"] == 4
+    assert torch.isfinite(model.g_a[-1].weight).all()
+
+
+def test_large_kernels_are_stored_in_half_precision_and_code_as_before(photos, tmp_path,
+                                                                      monkeypatch):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    train.train(config, photos, tmp_path / "run", 2, None, None)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    train.export_checkpoint(checkpoint, tmp_path / "full.pt")
+    monkeypatch.setattr(train, "HALF_PRECISION_MIN_ELEMENTS", 2000)  # tiny kernels count too
+    train.export_checkpoint(checkpoint, tmp_path / "half.pt")
+    saved = torch.load(tmp_path / "half.pt", weights_only=True)["model"]
+    assert saved["g_s.2.weight"].dtype == torch.float16  # 16 x 16 x 5 x 5
+    assert saved["log_steps"].dtype == torch.float32 and saved["g_a.0.weight"].dtype == torch.float32
+    image = synthetic_image(48, 64, 7)
+    full, half = load_weights_file(tmp_path / "full.pt"), load_weights_file(tmp_path / "half.pt")
+    stream = engine.encode(half, image)
+    assert engine.encode(half, image) == stream  # deterministic from the stored values
+    assert abs(psnr(image, engine.decode(half, stream))
+               - psnr(image, engine.decode(full, engine.encode(full, image)))) < 0.1
+
+
+def test_training_reconstructs_far_tail_intervals_as_the_decoder_does():
+    from pcodec import quant
+    from pcodec.network import conditional_mean
+
+    # A confidently wrong prior: intervals hundreds of σ from the mean (seen in training).
+    lower = torch.tensor([81.05, -290.9, 30.9, -3.0])
+    upper = torch.tensor([100.35, -259.7, 52.6, 1.0])
+    sigma = torch.tensor([0.0767, 0.1128, 0.04, 1.5], requires_grad=True)
+    mean = conditional_mean(lower, upper, sigma)
+    decoder = quant.reconstruct(lower.numpy(), upper.numpy(), sigma.detach().numpy(),
+                                np.ones(4, bool))
+    assert np.allclose(mean.detach().numpy(), decoder, rtol=0, atol=1e-3)
+    mean.sum().backward()
+    # the true value is ~0.002; float32 gave 2.8e6 for the third and the midpoint for two
+    assert float(sigma.grad[:3].abs().max()) < 5
