@@ -519,7 +519,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None,
                         help="train until this total step count (default: the config's)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from exported weights with a fresh optimizer")
+                        help="start from exported weights with a fresh optimizer (with a "
+                             "larger --set M=..., their latent is widened first)")
     parser.add_argument("--set", action="append", default=[],
                         help="override a config field, e.g. --set lr=1e-4")
     parser.add_argument("--export", metavar="MODEL_ID", default=None,
