@@ -224,7 +224,8 @@ def test_widening_the_latent_leaves_the_codec_unchanged_and_the_new_channels_lea
     x = torch.rand(2, 3, 64, 64)
     for layer in (1, 2, 3):
         layer_of = torch.tensor([layer, layer])
-        before, after = narrow(x, layer_of, autocast=False), wide(x, layer_of, autocast=False)
+        with torch.no_grad():
+            before, after = narrow(x, layer_of, autocast=False), wide(x, layer_of, autocast=False)
         assert torch.allclose(before[0], after[0], atol=1e-5)  # the same reconstruction
         assert torch.allclose(before[2], after[2])  # the same hyper-latent
         assert torch.allclose(before[1], after[1][:, :24])  # old channels: the same rate
