@@ -129,6 +129,27 @@ def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_pat
     assert log.getvalue().count("back to the checkpoint at step 2") == train.MAX_ROLLBACKS
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_autocasts_to_bf16_only_where_the_cpu_has_it(photos, tmp_path, monkeypatch,
+                                                               native):
+    from pcodec import network, transforms
+
+    seen = []
+    real_forward = network.HyperpriorNetwork.forward
+
+    def recording_forward(self, x, layer_of, autocast=True):
+        seen.append(autocast)
+        return real_forward(self, x, layer_of, autocast)
+
+    monkeypatch.setattr(transforms, "native_bf16", lambda: native)
+    monkeypatch.setattr(network.HyperpriorNetwork, "forward", recording_forward)
+    log = io.StringIO()
+    train.train(replace(train.CONFIGS["tiny"], threads=1), photos, tmp_path / "run", 2, None,
+                None, log)
+    assert seen == [native, native]
+    assert ("no native bf16" in log.getvalue()) == (not native)
+
+
 def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path, monkeypatch):
     config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     run = tmp_path / "run"
