@@ -20,6 +20,7 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck
     from compressai.layers import GDN
 
+from .quant import RECONSTRUCTION_SPREAD
 from .transforms import build_transforms
 
 # The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64). Training
@@ -51,8 +52,8 @@ def gaussian_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """E[x | lower < x < upper] for x ~ N(0, sigma): what the decoder reconstructs (float
-    mirror of quant.reconstruct; mirrored to the negative side and normalised by Φ(b) in the
+    """E[x | lower < x < upper] for x ~ N(0, RECONSTRUCTION_SPREAD * sigma): what the decoder
+    reconstructs (torch mirror of quant.reconstruct; mirrored to the negative side and normalised by Φ(b) in the
     log domain so that tail intervals stay finite).
 
     Computed in float64, as the coder does. An interval hundreds of σ out in the tail (a
@@ -64,7 +65,8 @@ def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tens
     of order 1 (its true value is ~0.002; torch's log_ndtr gradient is exact to 1e-6, which
     the cancellation multiplies by b/σ)."""
     dtype = lower.dtype
-    lower, upper, sigma = lower.double(), upper.double(), sigma.double()
+    lower, upper = lower.double(), upper.double()
+    sigma = sigma.double() * RECONSTRUCTION_SPREAD
     midpoint = (lower + upper) / 2
     mirror = midpoint > 0
     a = torch.where(mirror, -upper, lower) / sigma
