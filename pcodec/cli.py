@@ -247,7 +247,7 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite,
 @click.option("--partial", is_flag=True,
               help="Decode a stream that was cut short or damaged, as far as it is intact.")
 @click.option("--midpoint", is_flag=True,
-              help="Reconstruct at interval midpoints instead of the prior's conditional mean.")
+              help="Reconstruct at interval midpoints instead of the conditional mean (under 2σ).")
 @max_pixels_option
 @overwrite_option
 @device_option

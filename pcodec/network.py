@@ -53,8 +53,8 @@ def gaussian_cdf(x: torch.Tensor) -> torch.Tensor:
 
 def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """E[x | lower < x < upper] for x ~ N(0, RECONSTRUCTION_SPREAD * sigma): what the decoder
-    reconstructs (torch mirror of quant.reconstruct; mirrored to the negative side and normalised by Φ(b) in the
-    log domain so that tail intervals stay finite).
+    reconstructs (torch mirror of quant.reconstruct; mirrored to the negative side and
+    normalised by Φ(b) in the log domain so that tail intervals stay finite).
 
     Computed in float64, as the coder does. An interval hundreds of σ out in the tail (a
     confidently wrong prior: σ 0.04–0.1 and y* 80–450, seen in session 10's run) puts -b²/2
@@ -159,10 +159,10 @@ class HyperpriorNetwork(nn.Module):
     hierarchical quantizer: per-layer, per-channel step sizes.
 
     DeepHQ also learns a dequantization gain per layer and channel on top of midpoint
-    reconstruction; here the decoder reconstructs at the prior's conditional mean inside the
-    interval and training sees exactly that, so no gains are needed and an element's
-    reconstruction does not depend on which layer the others have reached (a cut inside a
-    layer mixes elements of two layers)."""
+    reconstruction; here the decoder reconstructs at the conditional mean inside the interval
+    (under a widened prior, quant.RECONSTRUCTION_SPREAD) and training sees exactly that, so
+    no gains are needed and an element's reconstruction does not depend on which layer the
+    others have reached (a cut inside a layer mixes elements of two layers)."""
 
     def __init__(self, config: NetworkConfig = NetworkConfig()):
         super().__init__()
@@ -216,7 +216,7 @@ class HyperpriorNetwork(nn.Module):
         slide = y_star - y_star.detach()
         y_likelihoods = torch.clamp(
             interval_mass(lower + slide, upper + slide, scales), min=LIKELIHOOD_MIN)
-        # Distortion: the decoder's reconstruction, the prior's conditional mean in the interval.
+        # Distortion: the decoder's reconstruction, the conditional mean in the interval.
         y_hat = means + conditional_mean(lower, upper, scales) + slide
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat)
