@@ -222,6 +222,26 @@ class HyperpriorNetwork(nn.Module):
             x_hat = self.g_s(y_hat)
         return x_hat.float(), y_likelihoods, z_likelihoods
 
+    def synthesis_pass(self, x: torch.Tensor, layers: torch.Tensor, autocast: bool = True):
+        """Fine-tuning pass of the synthesis alone: every image of x reconstructed at each of
+        `layers` (K,), as (K·B, 3, H, W) with the layer of each; all but g_s without gradient.
+
+        The encoder, prior and steps fixed, every layer's bytes are fixed too, so the loss is
+        distortion only and whatever it gains is PSNR at the same rate."""
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = self.g_a(x)
+                z = self.h_a(y)
+                means, scales = self.prior(torch.round(z.float()))
+            y_star = (y.float() - means).repeat(len(layers), 1, 1, 1)
+            means, scales = means.repeat(len(layers), 1, 1, 1), scales.repeat(len(layers), 1, 1, 1)
+            layer_of = layers.repeat_interleave(x.shape[0])
+            lower, upper = nested_intervals(y_star, self.steps(), layer_of)
+            y_hat = means + conditional_mean(lower, upper, scales)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x_hat = self.g_s(y_hat.contiguous(memory_format=torch.channels_last))
+        return x_hat.float(), layer_of
+
     def aux_loss(self) -> torch.Tensor:
         return self.entropy_bottleneck.loss()
 

@@ -59,6 +59,12 @@ class TrainConfig:
     # λ — at step 50,000, 0.32 for layer 1 and 13.4 for layer 8 — so the finest two layers
     # were 75 % of every gradient, and which layers a batch of 4 drew set its size.
     layer_weights: tuple = ()
+    # "synthesis": fine-tune g_s alone from --init weights. The encoder, prior and steps stay
+    # fixed, so every layer of every file keeps its bytes exactly; the loss is the mean over
+    # layers of log MSE (= mean PSNR, what a BD-rate with fixed rates rewards), where the
+    # ladder's λ·MSE gave the finest two layers 75 % of the gradient.
+    train_only: str = ""
+    synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
     # EPYC without AVX-512 (session 11) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True
@@ -192,11 +198,22 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     checkpoint_path = run_dir / "checkpoint.pt"
     net_config = NetworkConfig(N=config.N, M=config.M, layers=len(config.lambdas))
     model = HyperpriorNetwork(net_config)
+    synthesis_only = config.train_only == "synthesis"
+    if config.train_only not in ("", "synthesis"):
+        raise SystemExit(f"train_only={config.train_only!r}: only 'synthesis' is known")
+    if synthesis_only and init_weights is None and not checkpoint_path.exists():
+        raise SystemExit("train_only=synthesis fine-tunes trained weights: give --init")
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    optimizer = torch.optim.Adam(
-        [{"params": [p for p in main_params if p is not model.log_steps], "lr_scale": 1.0},
-         {"params": [model.log_steps], "lr_scale": config.step_lr_scale}], lr=config.lr)
+    if synthesis_only:
+        main_params = list(model.g_s.parameters())
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("g_s."))
+        optimizer = torch.optim.Adam([{"params": main_params, "lr_scale": 1.0}], lr=config.lr)
+    else:
+        optimizer = torch.optim.Adam(
+            [{"params": [p for p in main_params if p is not model.log_steps], "lr_scale": 1.0},
+             {"params": [model.log_steps], "lr_scale": config.step_lr_scale}], lr=config.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
     state = {"step": 0, "seconds": 0.0, "images": 0, "history": []}
     saved_average = None
@@ -264,7 +281,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
 
     def new_window():  # statistics between two log lines
         zeros = np.zeros(len(config.lambdas))
-        return {"loss": 0.0, "n": 0, "bpp": zeros.copy(), "mse": zeros.copy(),
+        return {"loss": 0.0, "n": 0, "images": 0, "bpp": zeros.copy(), "mse": zeros.copy(),
                 "count": zeros.copy(), "grad_norm": [], "started": time.perf_counter()}
 
     window = new_window()
@@ -279,12 +296,22 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         batch = torch.from_numpy(sampler.batch(config.batch)).permute(0, 3, 1, 2).float() / 255
         if config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
-                                 for _ in range(config.batch)])
-        x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=autocast)
-        batch_lambdas = lambdas_all[layer_of - 1]
-        loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas,
-                                 None if weights_all is None else weights_all[layer_of - 1])
+        if synthesis_only:
+            layers = torch.tensor(layer_rng.sample(range(1, len(config.lambdas) + 1),
+                                                   config.synthesis_layers))
+            x_hat, layer_of = model.synthesis_pass(batch, layers, autocast=autocast)
+            target = batch.repeat(len(layers), 1, 1, 1)
+            mse = ((target - x_hat) ** 2).mean((1, 2, 3))
+            loss = torch.log10(mse.clamp(min=1e-10)).mean()
+            mse, bpp = mse.detach(), torch.zeros_like(mse)
+            batch_lambdas = lambdas_all[layer_of - 1]
+        else:
+            layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
+                                     for _ in range(config.batch)])
+            x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=autocast)
+            batch_lambdas = lambdas_all[layer_of - 1]
+            loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas,
+                                     None if weights_all is None else weights_all[layer_of - 1])
         optimizer.zero_grad(set_to_none=True)
         # A rare bad batch must not poison the weights: skip it when its loss or its gradient
         # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
@@ -323,11 +350,12 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             continue
         skipped_in_a_row = 0
         optimizer.step()
-        aux_optimizer.zero_grad(set_to_none=True)
-        aux_loss = model.aux_loss()
-        if torch.isfinite(aux_loss):
-            aux_loss.backward()
-            aux_optimizer.step()
+        if not synthesis_only:  # the hyper-latent's quantiles are frozen with the rest
+            aux_optimizer.zero_grad(set_to_none=True)
+            aux_loss = model.aux_loss()
+            if torch.isfinite(aux_loss):
+                aux_loss.backward()
+                aux_optimizer.step()
         # Rescale y, not just the steps: shifting the log-steps alone (session 8's first try)
         # made the quantizer finer against y at every update, and both runs that did it diverged.
         hold_finest_step(model, config.finest_step)
@@ -335,11 +363,13 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             average.update_parameters(model)
 
         state["step"] += 1
-        state["images"] += config.batch
+        state["images"] += len(mse)
         state["seconds"] += time.perf_counter() - step_start
-        # The log keeps the unweighted loss, comparable across runs.
-        window["loss"] += float((batch_lambdas * 255**2 * mse + bpp).mean())
+        # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
+        unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
+        window["loss"] += float(unweighted)
         window["n"] += 1
+        window["images"] += len(mse)
         window["grad_norm"].append(grad_norm)
         for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
             window["bpp"][layer - 1] += b
@@ -353,7 +383,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             record = {
                 "step": state["step"], "hours": round(state["seconds"] / 3600, 4),
                 "lr": lr, "loss": round(window["loss"] / window["n"], 4),
-                "images_per_s": round(window["n"] * config.batch / elapsed, 2),
+                **({"objective": "synthesis"} if synthesis_only else {}),
+                "images_per_s": round(window["images"] / elapsed, 2),
                 "bpp": [round(float(v), 4) for v in (window["bpp"] / count)],
                 "psnr": [round(float(v), 2) for v in psnr],
                 # before clipping: a spike here is the step that disturbed a run
@@ -631,7 +662,13 @@ def plot_learning_curve(history: list[dict], evals: list[dict], path: Path):
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([r["hours"] for r in history], [r["loss"] for r in history], lw=0.8)
+    rd = [r for r in history if r.get("objective") != "synthesis"]
+    left.plot([r["hours"] for r in rd], [r["loss"] for r in rd], lw=0.8)
+    tuned = [r["hours"] for r in history if r.get("objective") == "synthesis"]
+    if tuned:  # its loss (log10 MSE) is another quantity: the phase is shown, not plotted
+        left.axvspan(min(tuned), max(tuned), color="C1", alpha=0.2,
+                     label="synthesis fine-tuned alone")
+        left.legend(fontsize=7)
     left.set_xlabel("CPU hours (2 cores)")
     left.set_ylabel("training loss (mean λ·255²·MSE + bpp)")
     left.set_yscale("log")

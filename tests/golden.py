@@ -45,7 +45,9 @@ def cases():
             # session 5's weights, the first with coding-order offsets
             ("hp128-dhq8-r4", "hp128-dhq8-r4", 48, 80, 7, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # session 6's weights, trained on 256x256 crops
-            ("hp128-dhq8-r5", "hp128-dhq8-r5", 48, 80, 8, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("hp128-dhq8-r5", "hp128-dhq8-r5", 48, 80, 8, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # session 12's weights: session 11's restart, then the synthesis fine-tuned alone
+            ("hp128-dhq8-r6", "hp128-dhq8-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:

@@ -304,3 +304,33 @@ def test_training_reconstructs_far_tail_intervals_as_the_decoder_does():
     mean.sum().backward()
     # the true value is ~0.002; float32 gave 2.8e6 for the third and the midpoint for two
     assert float(sigma.grad[:3].abs().max()) < 5
+
+
+def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
+    train.train(config, photos, tmp_path / "base", 2, None, None)
+    base = tmp_path / "base.pt"
+    train.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
+    tuning = replace(config, train_only="synthesis", synthesis_layers=3, lr=1e-2)
+    _, state = train.train(tuning, photos, tmp_path / "tuned", 4, base, None)
+    assert state["step"] == 4 and state["history"][-1]["loss"] < 0  # log10 MSE of [0, 1] pixels
+    assert [r.get("objective") for r in state["history"]] == [None, "synthesis"]
+    tuned = tmp_path / "tuned.pt"
+    train.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
+
+    before = torch.load(base, weights_only=True)["model"]
+    after = torch.load(tuned, weights_only=True)["model"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("g_s.") for name in changed)
+    image = synthetic_image(48, 64, 3)
+    old, new = load_weights_file(base), load_weights_file(tuned)
+    stream = engine.encode(old, image)
+    # Same encoder and prior: the same sections, byte for byte (the header names the weights).
+    tuned_stream = engine.encode(new, image)
+    assert engine.read_stream(new, tuned_stream)[1] == engine.read_stream(old, stream)[1]
+    assert psnr(image, engine.decode(new, tuned_stream)) != psnr(image, engine.decode(old, stream))
+
+    with pytest.raises(SystemExit, match="give --init"):
+        train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
+    with pytest.raises(SystemExit, match="only 'synthesis'"):
+        train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
