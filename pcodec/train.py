@@ -2,7 +2,8 @@
 
 Every image of a batch is trained at one randomly drawn layer l with loss
 λ_l·255²·MSE + bpp (DeepHQ's ladder objective, sampled instead of summed so a step costs one
-synthesis pass). Checkpoints hold the optimizer state and live outside the repository;
+synthesis pass). `train_only=synthesis` fine-tunes the synthesis alone on distortion, every
+layer's bytes fixed. Checkpoints hold the optimizer state and live outside the repository;
 `export` writes weights without it plus a manifest to models/.
 """
 
@@ -203,6 +204,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         raise SystemExit(f"train_only={config.train_only!r}: only 'synthesis' is known")
     if synthesis_only and init_weights is None and not checkpoint_path.exists():
         raise SystemExit("train_only=synthesis fine-tunes trained weights: give --init")
+    if synthesis_only and config.finest_step > 0:  # it rescales y: the bytes would move
+        raise SystemExit("finest_step rescales the encoder's y: not with train_only=synthesis")
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     if synthesis_only:

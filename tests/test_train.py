@@ -332,5 +332,7 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
 
     with pytest.raises(SystemExit, match="give --init"):
         train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
+    with pytest.raises(SystemExit, match="finest_step"):
+        train.train(replace(tuning, finest_step=7.0), photos, tmp_path / "held", 2, base, None)
     with pytest.raises(SystemExit, match="only 'synthesis'"):
         train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
