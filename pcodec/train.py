@@ -307,7 +307,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             mse = ((target - x_hat) ** 2).mean((1, 2, 3))
             loss = torch.log10(mse.clamp(min=1e-10)).mean()
             mse, bpp = mse.detach(), torch.zeros_like(mse)
-            batch_lambdas = lambdas_all[layer_of - 1]
         else:
             layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
                                      for _ in range(config.batch)])
