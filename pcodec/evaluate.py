@@ -8,6 +8,7 @@ import numpy as np
 
 from . import container, engine
 from .imageio import read_image
+from .quant import layers_in_use
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +42,8 @@ def layer_points(model, image: np.ndarray, data: bytes | None = None,
 
 def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
                      with_midpoint: bool = False) -> dict:
-    """Mean bpp and PSNR per layer (layers 1..L) over the images of a folder."""
+    """Mean bpp and PSNR per layer (layers 1..L) over the images of a folder, and how many
+    channels each refinement layer can refine at all (quant.layers_in_use: from the steps)."""
     from .models import load_weights_file
 
     model = load_weights_file(weights_path)
@@ -54,6 +56,7 @@ def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
     mean = np.mean(rows, axis=0)  # (layers, fields)
     result = {"images": len(rows), "bpp": [round(float(v), 4) for v in mean[:, 0]],
               "psnr": [round(float(v), 3) for v in mean[:, 1]]}
+    result["layers_in_use"] = layers_in_use(model.int_steps)
     if with_midpoint:
         result["psnr_midpoint_reconstruction"] = [round(float(v), 3) for v in mean[:, 2]]
     return result

@@ -123,6 +123,35 @@ def split_bounds(lower, upper, step, count, stretched, width_out: int) -> np.nda
     return bounds
 
 
+def layers_in_use(int_steps: np.ndarray) -> dict:
+    """Per refinement layer (2..L): the fraction of channels in which it splits any interval
+    the layers before it can leave, and in which it splits the interval holding the prior mean
+    (where most elements are). A uniform layer-1 cell is split only when the next step is at
+    most 1/1.6 of it (a closer step would leave slivers, which the boundary-aware rule
+    merges), so a layer whose step ratio drifts below that adds nothing in that channel; and
+    in training such a step gets no gradient of its own (it returns only if the layer above
+    moves)."""
+    layers, channels = int_steps.shape
+    channel = np.arange(channels)
+    lower = -(int_steps[0] // 2)
+    upper = lower + int_steps[0]
+    any_split, mean_split = [], []
+    for layer in range(1, layers):
+        step = int_steps[layer, channel]
+        count, stretched = split_counts(lower, upper, step)
+        split = count > 1
+        holds_mean = (lower <= 0) & (upper > 0)
+        any_split.append(len(np.unique(channel[split])) / channels)
+        mean_split.append(len(np.unique(channel[split & holds_mean])) / channels)
+        bounds = split_bounds(lower, upper, step, count, stretched, int(count.max()))
+        cells = np.stack([np.repeat(channel, bounds.shape[1] - 1), bounds[:, :-1].ravel(),
+                          bounds[:, 1:].ravel()], axis=1)
+        cells = np.unique(cells[cells[:, 2] > cells[:, 1]], axis=0)  # distinct cells only
+        channel, lower, upper = cells[:, 0], cells[:, 1], cells[:, 2]
+    return {"channels_split_any": [round(v, 3) for v in any_split],
+            "channels_split_at_mean": [round(v, 3) for v in mean_split]}
+
+
 def sub_interval_index(bounds: np.ndarray, count: np.ndarray, y_units: np.ndarray) -> np.ndarray:
     inner = bounds[:, 1:-1] <= y_units[:, None]
     index = inner.sum(axis=1)

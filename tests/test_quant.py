@@ -139,3 +139,38 @@ def test_fast_split_bounds_equal_the_reference_rule():
     for width in (int(count.max()), int(count.max()) + 3):
         assert np.array_equal(quant.split_bounds(lower, upper, step, count, stretched, width),
                               reference_split_bounds(lower, upper, step, count, stretched, width))
+
+
+def test_layers_in_use_finds_layers_that_split_nothing():
+    # channel 0: ratios 1.65, every layer splits; channel 1: ratio 1.55 at layer 2, which
+    # leaves the uniform cell whole (its slivers would be < 0.3 step), then layer 3 splits;
+    # channel 2: equal steps, nothing ever splits
+    steps = np.array([[272, 248, 160], [165, 160, 160], [100, 100, 160]], dtype=np.int64)
+    use = quant.layers_in_use(steps)
+    assert use["channels_split_any"] == [round(1 / 3, 3), round(2 / 3, 3)]
+    assert use["channels_split_at_mean"] == [round(1 / 3, 3), round(2 / 3, 3)]
+
+
+def test_layers_in_use_agrees_with_quantizing_many_values():
+    rng = np.random.default_rng(3)
+    layers, channels = 5, 12
+    steps = np.empty((layers, channels), np.int64)
+    steps[-1] = 16
+    for layer in range(layers - 2, -1, -1):  # ratios around the 1.6 a split needs
+        steps[layer] = np.round(steps[layer + 1] * rng.uniform(1.4, 2.2, channels))
+    channel = np.repeat(np.arange(channels), 4000)
+    y = np.round(rng.normal(0, 3, len(channel)) * steps[0, channel]).astype(np.int64)
+    index = quant.first_layer_index(y, steps[0, channel])
+    lower, upper = quant.first_layer_interval(index, steps[0, channel])
+    split_seen = np.zeros((layers - 1, channels), bool)
+    for layer in range(1, layers):
+        step = steps[layer, channel]
+        count, stretched = quant.split_counts(lower, upper, step)
+        split_seen[layer - 1, np.unique(channel[count > 1])] = True
+        bounds = quant.split_bounds(lower, upper, step, count, stretched, int(count.max()))
+        cell = quant.sub_interval_index(bounds, count, y)
+        rows = np.arange(len(y))
+        lower, upper = bounds[rows, cell], bounds[rows, cell + 1]
+    expected = [round(v, 3) for v in split_seen.mean(axis=1)]
+    assert 0 < min(expected) and max(expected) < 1  # the case has live and idle layers
+    assert quant.layers_in_use(steps)["channels_split_any"] == expected
