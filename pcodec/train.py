@@ -55,6 +55,12 @@ class TrainConfig:
     # the step scale pins y's (by rescaling y after every update). -r5's finest mean step is
     # 7.0. Opt-in (--set finest_step=7.0) until a run has shown it stable.
     finest_step: float = 0.0
+    # Least ratio between neighbouring layers' steps, per channel, held after every update (0:
+    # free). Below 1.6 a layer leaves a cell whole and its step gets no gradient of its own
+    # (quant.layers_in_use): session 11's restart idled layers 2 and 4 in most channels of
+    # -r6. Opt-in until a run has measured what keeping every layer live does to the BD-rate;
+    # 1.7 leaves room for the steps' rounding to grid units.
+    min_step_ratio: float = 0.0
     lambdas: tuple = LAMBDA_LADDER
     # A weight per layer on its loss (empty: all 1). Unweighted, a layer's loss grows with its
     # λ — at step 50,000, 0.32 for layer 1 and 13.4 for layer 8 — so the finest two layers
@@ -206,6 +212,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         raise SystemExit("train_only=synthesis fine-tunes trained weights: give --init")
     if synthesis_only and config.finest_step > 0:  # it rescales y: the bytes would move
         raise SystemExit("finest_step rescales the encoder's y: not with train_only=synthesis")
+    if synthesis_only and config.min_step_ratio > 0:
+        raise SystemExit("min_step_ratio moves the steps: not with train_only=synthesis")
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     if synthesis_only:
@@ -257,6 +265,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         state.update({k: weights["state"][k] for k in ("step", "seconds", "images", "history")})
         print(f"started from weights {init_weights} (step {state['step']}) with a fresh optimizer",
               file=log)
+    hold_step_ratios(model, config.min_step_ratio)
     hold_finest_step(model, config.finest_step, log)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -268,6 +277,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
         if saved_average is not None:
             average.load_state_dict(saved_average)
+            hold_step_ratios(average.module, config.min_step_ratio)
             hold_finest_step(average.module, config.finest_step, log)
     forward = torch.compile(model) if config.compile else model
     autocast = config.autocast and native_bf16()
@@ -360,6 +370,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 aux_optimizer.step()
         # Rescale y, not just the steps: shifting the log-steps alone (session 8's first try)
         # made the quantizer finer against y at every update, and both runs that did it diverged.
+        hold_step_ratios(model, config.min_step_ratio)
         hold_finest_step(model, config.finest_step)
         if average is not None:
             average.update_parameters(model)
@@ -412,6 +423,21 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             if average is not None:
                 evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
     return model, state
+
+
+def hold_step_ratios(model, ratio: float):
+    """Make each layer's step at most 1/`ratio` of the layer above's, per channel, by
+    shrinking the finer one (top down: one pass holds them all). The constraint is linear in
+    the log-steps, so the moving average of held weights holds it too."""
+    if ratio <= 0:
+        return
+    import torch
+
+    with torch.no_grad():
+        log_steps = model.log_steps
+        for layer in range(1, log_steps.shape[0]):
+            log_steps[layer] = torch.minimum(log_steps[layer],
+                                             log_steps[layer - 1] - math.log(ratio))
 
 
 def hold_finest_step(model, finest_step: float, log=None):

@@ -334,5 +334,23 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
         train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
     with pytest.raises(SystemExit, match="finest_step"):
         train.train(replace(tuning, finest_step=7.0), photos, tmp_path / "held", 2, base, None)
+    with pytest.raises(SystemExit, match="min_step_ratio"):
+        train.train(replace(tuning, min_step_ratio=1.7), photos, tmp_path / "ratio", 2, base,
+                    None)
     with pytest.raises(SystemExit, match="only 'synthesis'"):
         train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
+
+
+def test_a_least_step_ratio_keeps_every_layer_splitting(photos, tmp_path):
+    from pcodec.quant import integer_steps, layers_in_use
+
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=3, threads=1, min_step_ratio=1.7)
+    model, _ = train.train(config, photos, tmp_path / "run", 3, None, None)
+    steps = model.log_steps.detach().double().exp()
+    assert (steps[:-1] / steps[1:]).min() >= 1.7 * (1 - 1e-6)
+    use = layers_in_use(integer_steps(model.log_steps.detach().double().numpy())[1])
+    assert min(use["channels_split_any"]) == 1.0
+    free, _ = train.train(replace(config, min_step_ratio=0.0), photos, tmp_path / "free", 3,
+                          None, None)
+    free_steps = free.log_steps.detach().double().exp()
+    assert (free_steps[:-1] / free_steps[1:]).min() < 1.7  # the initial ratio is 1.65
