@@ -265,8 +265,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         state.update({k: weights["state"][k] for k in ("step", "seconds", "images", "history")})
         print(f"started from weights {init_weights} (step {state['step']}) with a fresh optimizer",
               file=log)
-    hold_step_ratios(model, config.min_step_ratio)
-    hold_finest_step(model, config.finest_step, log)
+    hold_steps(model, config, log)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     average = None
@@ -277,8 +276,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
         if saved_average is not None:
             average.load_state_dict(saved_average)
-            hold_step_ratios(average.module, config.min_step_ratio)
-            hold_finest_step(average.module, config.finest_step, log)
+            hold_steps(average.module, config, log)
     forward = torch.compile(model) if config.compile else model
     autocast = config.autocast and native_bf16()
     if config.autocast and not autocast:
@@ -368,10 +366,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             if torch.isfinite(aux_loss):
                 aux_loss.backward()
                 aux_optimizer.step()
-        # Rescale y, not just the steps: shifting the log-steps alone (session 8's first try)
-        # made the quantizer finer against y at every update, and both runs that did it diverged.
-        hold_step_ratios(model, config.min_step_ratio)
-        hold_finest_step(model, config.finest_step)
+        hold_steps(model, config)
         if average is not None:
             average.update_parameters(model)
 
@@ -423,6 +418,15 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             if average is not None:
                 evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
     return model, state
+
+
+def hold_steps(model, config: TrainConfig, log=None):
+    """The opt-in holds on the steps, after every update: the least ratio between layers
+    first (it shrinks finer steps), then the finest mean step (rescaling y, not just the
+    steps: shifting the log-steps alone, session 8's first try, made the quantizer finer
+    against y at every update, and both runs that did it diverged)."""
+    hold_step_ratios(model, config.min_step_ratio)
+    hold_finest_step(model, config.finest_step, log)
 
 
 def hold_step_ratios(model, ratio: float):
