@@ -72,6 +72,11 @@ class TrainConfig:
     # ladder's λ·MSE gave the finest two layers 75 % of the gradient.
     train_only: str = ""
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
+    # Distinct layers each crop is trained at per step, through one analysis pass (1: one
+    # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and
+    # which layers it drew set the gradient (layer losses span 41x); at 8 every step follows
+    # the whole ladder's objective for its crops.
+    layers_per_crop: int = 1
     # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
     # EPYC without AVX-512 (session 11) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True
@@ -316,11 +321,12 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             loss = torch.log10(mse.clamp(min=1e-10)).mean()
             mse, bpp = mse.detach(), torch.zeros_like(mse)
         else:
-            layer_of = torch.tensor([layer_rng.randrange(len(config.lambdas)) + 1
-                                     for _ in range(config.batch)])
+            layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
+                                   config.layers_per_crop)
             x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=autocast)
             batch_lambdas = lambdas_all[layer_of - 1]
-            loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas,
+            loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
+                                     z_lik, batch_lambdas,
                                      None if weights_all is None else weights_all[layer_of - 1])
         optimizer.zero_grad(set_to_none=True)
         # A rare bad batch must not poison the weights: skip it when its loss or its gradient
@@ -371,13 +377,13 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             average.update_parameters(model)
 
         state["step"] += 1
-        state["images"] += len(mse)
+        state["images"] += len(batch)  # crops, whatever the layers per crop
         state["seconds"] += time.perf_counter() - step_start
         # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
         unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
         window["loss"] += float(unweighted)
         window["n"] += 1
-        window["images"] += len(mse)
+        window["images"] += len(batch)
         window["grad_norm"].append(grad_norm)
         for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
             window["bpp"][layer - 1] += b
@@ -418,6 +424,24 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             if average is not None:
                 evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
     return model, state
+
+
+def draw_layers(rng: random.Random, layers: int, crops: int, per_crop: int):
+    """The layer of each row of a training step: one random layer per crop (per_crop = 1,
+    every run before session 14), or `per_crop` layers per crop dealt from shuffled decks of
+    the ladder, so that a step sees each layer once before any twice (2 crops × 4: the whole
+    ladder every step). Row k·crops + b holds crop b, the order network.forward repeats in."""
+    import torch
+
+    if per_crop == 1:
+        return torch.tensor([rng.randrange(layers) + 1 for _ in range(crops)])
+    if not 1 <= per_crop <= layers or layers % per_crop:
+        raise SystemExit(f"layers_per_crop={per_crop}: a divisor of the {layers} layers")
+    dealt = []
+    while len(dealt) < crops * per_crop:
+        dealt += rng.sample(range(1, layers + 1), layers)
+    # A divisor of the deck's size: no crop's share straddles two decks, so its layers differ.
+    return torch.tensor([dealt[b * per_crop + k] for k in range(per_crop) for b in range(crops)])
 
 
 def hold_steps(model, config: TrainConfig, log=None):

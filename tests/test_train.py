@@ -354,3 +354,41 @@ def test_a_least_step_ratio_keeps_every_layer_splitting(photos, tmp_path):
                           None, None)
     free_steps = free.log_steps.detach().double().exp()
     assert (free_steps[:-1] / free_steps[1:]).min() < 1.7  # the initial ratio is 1.65
+
+
+def test_layers_per_crop_are_dealt_so_a_step_sees_the_whole_ladder():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20):
+        rows = train.draw_layers(rng, 8, 2, 4).tolist()  # row k·2 + b holds crop b
+        assert sorted(rows) == list(range(1, 9))
+        assert len(set(rows[0::2])) == 4 and len(set(rows[1::2])) == 4
+    one_each = train.draw_layers(rng, 8, 4, 1)
+    assert one_each.shape == (4,) and all(1 <= v <= 8 for v in one_each.tolist())
+    with pytest.raises(SystemExit, match="divisor"):
+        train.draw_layers(rng, 8, 2, 3)
+
+
+def test_a_pass_at_several_layers_per_crop_is_those_passes_one_by_one():
+    from pcodec.network import HyperpriorNetwork, NetworkConfig
+
+    torch.manual_seed(2)
+    model = HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=4)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    layer_of = torch.tensor([1, 4, 3, 2])  # crop 0 at layers 1 and 3, crop 1 at 4 and 2
+    together = model(x, layer_of, autocast=False)
+    for row, layer in enumerate(layer_of.tolist()):
+        crop = row % 2
+        alone = model(x[crop:crop + 1], torch.tensor([layer]), autocast=False)
+        for a, b in zip(together, alone):
+            assert torch.allclose(a[row:row + 1], b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_at_every_layer_of_each_crop_logs_every_layer(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, layers_per_crop=8,
+                     batch=1)
+    _, state = train.train(config, photos, tmp_path / "run", 2, None, None)
+    record = state["history"][-1]
+    assert state["images"] == 2  # crops, not crop-layers
+    assert all(np.isfinite(record["psnr"])) and all(b > 0 for b in record["bpp"])
