@@ -79,23 +79,26 @@ def truncate(data: bytes, layers: int | None = None, max_bytes: int | None = Non
     return container.truncate(data, layers, max_bytes, container.DEFAULT_MAX_PIXELS, partial)
 
 
-def info(data: bytes, max_pixels: int = container.DEFAULT_MAX_PIXELS) -> dict:
+def info(data: bytes, max_pixels: int = container.DEFAULT_MAX_PIXELS,
+         partial: bool = False) -> dict:
     """Header, layers and sizes of a stream (every CRC checked): what `pcodec info --json`
-    prints."""
+    prints. `partial`: of a cut or damaged stream, the sections that are intact (the last
+    one possibly in part), as `decode --partial` would use them."""
     header, header_length = container.parse_header(data, max_pixels)
-    container.split_sections(data, header, header_length)  # lengths and CRCs
+    payloads, cut = container.split_sections(data, header, header_length, partial, partial)
     pixels = header.width * header.height
     sections, offset = [], header_length
-    for index, section in enumerate(header.sections):
-        offset += section.length
+    for index, (section, payload, is_partial) in enumerate(zip(header.sections, payloads, cut)):
+        offset += len(payload)
         sections.append({
-            "name": "hyper" if index == 0 else f"layer {index}", "bytes": section.length,
-            "partial": section.partial, "crc32": f"{section.crc:08x}",
+            "name": "hyper" if index == 0 else f"layer {index}", "bytes": len(payload),
+            "partial": is_partial, "crc32": f"{section.crc:08x}",
             "cumulative_bytes": offset, "cumulative_bpp": round(8 * offset / pixels, 5)})
-    total = header_length + header.payload_length
+    total = offset
     return {
         "format_version": container.VERSION, "width": header.width, "height": header.height,
         "model": header.model_id, "weights_digest": header.weights_digest.hex(),
         "layers": header.layers, "header_bytes": header_length, "total_bytes": total,
         "bpp": round(8 * total / pixels, 5), "sections": sections,
-        "status": "cut" if any(s.partial for s in header.sections) else "complete"}
+        "status": ("cut" if any(cut) or len(payloads) < len(header.sections)
+                   or any(s.partial for s in header.sections) else "complete")}

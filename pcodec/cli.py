@@ -5,6 +5,8 @@ by the commands that run a network (encode, decode, bench, train), so `--help`, 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,9 +14,29 @@ from pathlib import Path
 import click
 
 from . import __version__, api, container
-from .errors import PcodecError, UsageError
+from .errors import PcodecError, RuntimeIOError, UsageError
 
 STDIO = "-"
+EXIT_CODES = """\b
+Exit codes:   0 done            1 runtime or I/O error (unreadable input, disk full, ...)
+              2 usage error     3 corrupt, truncated or unsupported stream
+              4 model not installed
+            130 interrupted (SIGINT), 129 (SIGHUP), 143 (SIGTERM): no output left half-written
+"""
+WORKER_GRACE_SECONDS = 0.6  # a worker still busy after SIGTERM this long is killed
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP: a BaseException, like KeyboardInterrupt, so that every
+    cleanup runs on the way out and no `except Exception` takes it for an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 _progress_shown = False  # a progress bar is on the terminal's last line
@@ -49,23 +71,32 @@ class Batch:
     def run(self, name: str, action):
         self._report(*_outcome(action, name))
 
-    def run_all(self, function, inputs, *args):
-        """function(path, *args) for every input: module-level, so workers can run it."""
+    def run_all(self, function, inputs, *args, outputs=None):
+        """function(path, *args) for every input: module-level, so workers can run it.
+        `outputs(path)` names where an input's result goes, so that the temporaries of
+        workers killed on an interrupt can be removed."""
         if self.jobs == 1:
             for path in inputs:
                 self.run(path, lambda path=path: function(path, *args))
             return
         import multiprocessing
-        import os
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         # spawn, not fork: forking a process that has started torch's threads can hang.
-        with ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
-                                 initializer=_worker_setup, initargs=(threads,)) as pool:
-            futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
+        pool = ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
+                                   initializer=_worker_setup, initargs=(threads, os.getpid()))
+        futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
+        try:
             for future in futures:
                 self._report(*future.result())
+        except BaseException:
+            _stop_workers(pool)
+            for path, future in zip(inputs, futures):
+                if not future.done() and outputs is not None:
+                    _remove_temporaries(outputs(path))
+            raise
+        pool.shutdown()
 
     def _report(self, message, failure):
         global _progress_shown
@@ -91,47 +122,116 @@ class Batch:
         sys.exit(self.exit_code)
 
 
-def _worker_setup(threads: int):
+def _stop_workers(pool):
+    """SIGTERM to every worker (each removes its temporary and exits), SIGKILL to any still
+    there after WORKER_GRACE_SECONDS (inside a long torch call it cannot take the signal)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _remove_temporaries(output: str | None):
+    """What imageio.write_bytes of a killed worker may have left for `output`."""
+    if output is None or output == STDIO:
+        return
+    target = Path(output)
+    for leftover in (target.parent if str(target.parent) else Path(".")).glob(
+            f".{target.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+_worker_busy = False  # a worker is running a job (else a signal ends it at once)
+
+
+def _worker_setup(threads: int, parent: int):
     import torch
 
+    try:  # Linux: the kernel sends SIGTERM to this worker when its parent dies, however
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before that was set
+        os._exit(143)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, _worker_signal)
     torch.set_num_threads(threads)
+
+
+def _worker_signal(signum, frame):
+    if not _worker_busy:
+        os._exit(128 + signum)
+    raise Interrupted(signum)  # unwinds the job: its temporary output is removed
 
 
 def _outcome(action, name: str):
     """(statistics line, None) or (None, (error line, exit code)): errors as text, so they
-    can also cross back from a worker process."""
+    can also cross back from a worker process. Each error line names its input."""
+    label = "stdin" if name == STDIO else name
     try:
         return action(), None
     except PcodecError as error:
-        return None, (f"pcodec: error: {error}", error.exit_code)
+        message = str(error)
+        if not message.startswith((f"{label}:", f"{name}:")):
+            message = f"{label}: {message}"
+        return None, (f"pcodec: error: {message}", error.exit_code)
     except MemoryError:
-        return None, (f"pcodec: error: {name}: out of memory", 1)
+        return None, (f"pcodec: error: {label}: out of memory", 1)
 
 
 def _in_worker(function, path, *args):
-    return _outcome(lambda: function(path, *args), path)
+    global _worker_busy
+    _worker_busy = True
+    try:
+        return _outcome(lambda: function(path, *args), path)
+    except Interrupted as interrupted:
+        os._exit(128 + interrupted.signum)  # cleanup ran on the way here; never take another job
+    finally:
+        _worker_busy = False
 
 
 def _output_for(input_path: str, output: str | None, total: int, default_suffix: str) -> str:
-    """Where one input's result goes: -o as given (a folder when several inputs), else a
-    name next to the input that never replaces an existing file; stdin goes to stdout."""
-    from .imageio import free_name
-
-    if output is not None and total > 1:
-        folder = Path(output)
-        if not folder.is_dir():
-            raise UsageError(f"-o {output}: must be an existing folder when several inputs are given")
-        base = Path(input_path).name if input_path != STDIO else "stdin"
-        return str(free_name(folder / (Path(base).stem + default_suffix)))
+    """Where one input's result goes: -o as given (a folder when several inputs are given or
+    -o is a folder), else a name next to the input; stdin goes to stdout. An existing file
+    is an error unless -f/--force."""
+    base = "stdin" if input_path == STDIO else Path(input_path).name
+    if output is not None and (total > 1 or _is_folder(output)):
+        return str(Path(output) / (Path(base).stem + default_suffix))
     if output is not None:
-        if Path(output).is_dir():
-            base = Path(input_path).name if input_path != STDIO else "stdin"
-            return str(free_name(Path(output) / (Path(base).stem + default_suffix)))
         return output
     if input_path == STDIO:
         return STDIO
     path = Path(input_path)
-    return str(free_name(path.with_name(path.stem + default_suffix)))
+    return str(path.with_name(path.stem + default_suffix))
+
+
+def _is_folder(output: str) -> bool:
+    return output != STDIO and (output.endswith(os.sep) or Path(output).is_dir())
+
+
+def _prepare_folder(output: str | None, total: int):
+    """Create -o's folder once, before any input is coded, when it names one."""
+    if output is None or output == STDIO:
+        if output == STDIO and total > 1:
+            raise UsageError("-o -: several inputs cannot all go to stdout")
+        return
+    if total == 1 and not _is_folder(output):
+        return
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UsageError(f"-o {output}: not a folder (several inputs need one)")
+    try:
+        Path(output).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"-o {output}: cannot create the folder ({error.strerror})") from None
 
 
 def _parallel_jobs(inputs, jobs: int) -> int:
@@ -158,8 +258,10 @@ def _stats(name: str, output: str, size: int, width: int, height: int, layers: i
 max_pixels_option = click.option(
     "--max-pixels", type=click.IntRange(min=1), default=None,
     help="Refuse images larger than this many pixels [default: 33554432, or $PCODEC_MAX_PIXELS].")
-overwrite_option = click.option("--no-overwrite", is_flag=True,
-                                help="Fail instead of replacing an existing output file.")
+force_option = click.option("-f", "--force", is_flag=True,
+                            help="Replace output files that exist (else each is an error).")
+quiet_option = click.option("-q", "--quiet", is_flag=True, default=False,
+                            help="No statistics or warnings on stderr.")
 device_option = click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
     help="Where the transforms run; probabilities and coding stay on the CPU, so streams "
@@ -168,24 +270,38 @@ jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), default=1
                            help="Worker processes for several inputs (they share the cores).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    def invoke(self, ctx):
+        """Ctrl-C and the signals leave click as Interrupted, which run() reports: click's own
+        handling would print an empty line before its "Aborted!"."""
+        try:
+            return super().invoke(ctx)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_CODES)
 @click.version_option(__version__, "-V", "--version", prog_name="pcodec")
-@click.option("-q", "--quiet", is_flag=True, help="No statistics or warnings on stderr.")
+@quiet_option
 @click.pass_context
 def main(ctx, quiet):
     """pcodec: a progressive learned image codec. One embedded .pcb stream per image; any
-    prefix of it (after a layer, or at any byte) decodes to the best image it allows.
-
-    \b
-    Exit codes: 0 ok, 1 runtime or I/O error, 2 usage error,
-                3 corrupt, truncated or unsupported stream.
-    """
+    prefix of it (after a layer, or at any byte) decodes to the best image it allows."""
     ctx.obj = {"quiet": quiet}
 
 
-@main.command()
+def _quiet(obj: dict, quiet: bool) -> bool:
+    """-q before or after the command name."""
+    return obj["quiet"] or quiet
+
+
+@main.command(epilog=EXIT_CODES)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", help="Output file, '-' for stdout, or a folder for several inputs.")
+@click.option("-o", "--output", help="Output file, '-' for stdout, or a folder (created if "
+              "needed; several inputs need one).")
 @click.option("--model", "model_id", default=None, help="Model id from models/manifest.json.")
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Code only the first K layers [default: all].")
@@ -194,22 +310,26 @@ def main(ctx, quiet):
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="At most B bits per pixel per file (the same cut, sized per image).")
 @max_pixels_option
-@overwrite_option
+@force_option
 @device_option
 @jobs_option
+@quiet_option
 @click.pass_obj
-def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, max_pixels, no_overwrite,
-           device, jobs):
+def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, max_pixels, force,
+           device, jobs, quiet):
     """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
     if max_bytes is not None and bpp is not None:
         raise click.UsageError("give --bytes or --bpp, not both")
-    batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
+    quiet = _quiet(obj, quiet)
+    _prepare_folder(output, len(inputs))
+    batch = Batch(quiet, len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_encode_one, inputs, output, len(inputs), model_id, layers, max_pixels,
-                  no_overwrite, obj["quiet"], device, max_bytes, bpp)
+                  force, quiet, device, max_bytes, bpp,
+                  outputs=lambda path: _output_for(path, output, len(inputs), ".pcb"))
     batch.finish()
 
 
-def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite, quiet,
+def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
                 device="cpu", max_bytes=None, bpp=None) -> str:
     from . import engine, models
     from .imageio import max_pixels as pixel_limit
@@ -218,6 +338,7 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite,
     start = time.perf_counter()
     out = _output_for(path, output, total, ".pcb")
     _check_not_input(path, out)
+    _check_free(out, force)
     pixels = read_image(path, pixel_limit(max_pixels),
                         (lambda message: None) if quiet else (lambda m: _say(f"pcodec: warning: {m}")))
     model = models.load(model_id, device)
@@ -227,66 +348,98 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, no_overwrite,
     height, width = pixels.shape[:2]
     if bpp is not None:
         max_bytes = int(bpp * width * height / 8)
+        smallest = container.smallest_size(data, width * height)
+        if max_bytes < smallest:
+            raise UsageError(f"--bpp {bpp}: {max_bytes} bytes for this image, below its smallest "
+                             f"valid stream ({smallest} bytes = "
+                             f"{8 * smallest / (width * height):.4f} bpp)")
     if max_bytes is not None:
         data = container.truncate(data, None, max_bytes, width * height)
-    write_bytes(out, data, overwrite=not no_overwrite)
+    write_bytes(out, data, overwrite=force)
     return _stats(path, out, len(data), width, height,
                   container.parse_header(data, width * height)[0].layers,
                   time.perf_counter() - start)
 
 
-@main.command()
+def _check_free(output: str, force: bool):
+    """Fail before the work, not after it, when the output exists (write_bytes checks again
+    atomically: another process may take the name meanwhile)."""
+    if not force and output != STDIO and Path(output).exists():
+        raise RuntimeIOError(f"{output}: exists (-f/--force replaces it)")
+
+
+@main.command(epilog=EXIT_CODES)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Output image (type from its extension: .png .ppm .bmp "
-              ".tif .webp .jpg), '-' for PNG on stdout, or a folder for several inputs.")
+              ".tif .webp .jpg), '-' for PNG on stdout, or a folder (created if needed; several "
+              "inputs need one).")
 @click.option("--layers", type=click.IntRange(min=0), default=None,
               help="Decode only the first K layers.")
 @click.option("--bytes", "max_bytes", type=click.IntRange(min=1), default=None,
               help="Decode only the first N bytes of the stream, as a partial download "
                    "would give them (header included).")
 @click.option("--partial", is_flag=True,
-              help="Decode a stream that was cut short or damaged, as far as it is intact.")
+              help="Decode a stream that was cut short or damaged, as far as it is intact "
+                   "(a warning says what was dropped).")
 @click.option("--midpoint", is_flag=True,
               help="Reconstruct at interval midpoints instead of the conditional mean (under 2σ).")
 @max_pixels_option
-@overwrite_option
+@force_option
 @device_option
 @jobs_option
+@quiet_option
 @click.pass_obj
-def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, no_overwrite,
-           device, jobs):
+def decode(obj, inputs, output, layers, max_bytes, partial, midpoint, max_pixels, force,
+           device, jobs, quiet):
     """Decode .pcb streams ('-' for stdin) to images."""
-    batch = Batch(obj["quiet"], len(inputs), _parallel_jobs(inputs, jobs))
+    quiet = _quiet(obj, quiet)
+    _prepare_folder(output, len(inputs))
+    batch = Batch(quiet, len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_decode_one, inputs, output, len(inputs), layers, max_bytes, partial, midpoint,
-                  max_pixels, no_overwrite, device)
+                  max_pixels, force, device, quiet,
+                  outputs=lambda path: _output_for(path, output, len(inputs),
+                                                   _decode_suffix(layers, max_bytes)))
     batch.finish()
 
 
+def _decode_suffix(layers, max_bytes) -> str:
+    return ((f".l{layers}" if layers is not None else "")
+            + (f".b{max_bytes}" if max_bytes is not None else "") or ".decoded") + ".png"
+
+
 def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_pixels,
-                no_overwrite, device="cpu") -> str:
+                force, device="cpu", quiet=False) -> str:
     from . import engine, models
     from .imageio import encode_image, read_bytes, write_bytes
     from .imageio import max_pixels as pixel_limit
 
-    suffix = (f".l{layers}" if layers is not None else "") + (
-        f".b{max_bytes}" if max_bytes is not None else "") or ".decoded"
     start = time.perf_counter()
-    out = _output_for(path, output, total, suffix + ".png")
+    out = _output_for(path, output, total, _decode_suffix(layers, max_bytes))
     _check_not_input(path, out)
+    _check_free(out, force)
     data = read_bytes(path)
     limit = pixel_limit(max_pixels)
     header, _ = container.parse_header(data, limit)
+    if layers is not None and layers > header.layers:
+        raise UsageError(f"--layers {layers}: the stream has {header.layers} layers")
     model = models.load(header.model_id, device)
-    pixels, header, payloads, partial_flags = engine.decode_detailed(
+    pixels, used_header, payloads, partial_flags = engine.decode_detailed(
         model, data, layers, max_bytes, partial, not midpoint, limit)
-    write_bytes(out, encode_image(pixels, out), overwrite=not no_overwrite)
-    used = len(container.pack_header(header)) + sum(len(p) for p in payloads)
+    write_bytes(out, encode_image(pixels, out), overwrite=force)
+    wanted = header.layers if layers is None else layers
+    decoded = max(0, len(payloads) - 1)
+    if partial and not quiet and (decoded < wanted or partial_flags[-1:] == [True]) \
+            and max_bytes is None:
+        whole = decoded - (1 if partial_flags[-1:] == [True] else 0)
+        _say(f"pcodec: warning: {path}: stream cut or damaged: {whole} of {wanted} layers "
+             f"whole{', layer ' + str(decoded) + ' in part' if whole < decoded else ''}")
+    used = len(container.pack_header(used_header)) + sum(len(p) for p in payloads)
     cut = " (last layer partial)" if any(partial_flags) else ""
-    return _stats(path, out, used, header.width, header.height, max(0, len(payloads) - 1),
+    return _stats(path, out, used, used_header.width, used_header.height, decoded,
                   time.perf_counter() - start, cut)
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES)
 @click.argument("input_path", metavar="INPUT", default=STDIO)
 @click.option("-o", "--output", default=STDIO, help="Output stream [default: stdout].")
 @click.option("--layers", type=click.IntRange(min=0), default=None, help="Keep the first K layers.")
@@ -294,9 +447,10 @@ def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_p
               help="Keep at most N bytes in all (a layer may be cut inside).")
 @click.option("--partial", is_flag=True, help="Accept a stream that was cut short or damaged.")
 @max_pixels_option
-@overwrite_option
+@force_option
+@quiet_option
 @click.pass_obj
-def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, no_overwrite):
+def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, force, quiet):
     """Cut a .pcb stream to a valid, smaller .pcb stream without re-encoding
     (a filter: stdin to stdout when no file is named)."""
     from .imageio import max_pixels as pixel_limit
@@ -304,13 +458,17 @@ def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, no
 
     if layers is None and max_bytes is None:
         raise click.UsageError("give --layers K and/or --bytes N")
-    batch = Batch(obj["quiet"])
+    batch = Batch(_quiet(obj, quiet))
 
     def one():
         _check_not_input(input_path, output)
+        _check_free(output, force)
         data = read_bytes(input_path)
+        header, _ = container.parse_header(data, pixel_limit(max_pixels))
+        if layers is not None and layers > header.layers:
+            raise UsageError(f"--layers {layers}: the stream has {header.layers} layers")
         result = container.truncate(data, layers, max_bytes, pixel_limit(max_pixels), partial)
-        write_bytes(output, result, overwrite=not no_overwrite)
+        write_bytes(output, result, overwrite=force)
         header, _ = container.parse_header(result, pixel_limit(max_pixels))
         return (f"{input_path} -> {'stdout' if output == STDIO else output}: {len(data)} -> "
                 f"{len(result)} bytes, {8 * len(result) / (header.width * header.height):.4f} "
@@ -320,20 +478,23 @@ def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, no
     batch.finish()
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document per input on stdout.")
+@click.option("--partial", is_flag=True,
+              help="Describe a stream that was cut short or damaged, as far as it is intact.")
 @max_pixels_option
+@quiet_option
 @click.pass_obj
-def info(obj, inputs, as_json, max_pixels):
+def info(obj, inputs, as_json, partial, max_pixels, quiet):
     """Show the header, layers and sizes of .pcb streams."""
     from .imageio import max_pixels as pixel_limit
     from .imageio import read_bytes
 
-    batch = Batch(obj["quiet"], len(inputs))
+    batch = Batch(_quiet(obj, quiet), len(inputs))
 
     def one(path):
-        document = {"file": path, **api.info(read_bytes(path), pixel_limit(max_pixels))}
+        document = {"file": path, **api.info(read_bytes(path), pixel_limit(max_pixels), partial)}
         if as_json:
             click.echo(json.dumps(document))
             return
@@ -402,7 +563,10 @@ def train(ctx):
 
 
 def run():
-    """Entry point: no traceback ever reaches the user."""
+    """Entry point: no traceback ever reaches the user. SIGTERM and SIGHUP end the process
+    as Ctrl-C does: every temporary removed, every worker stopped, exit 128 + the signal."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
     try:
         main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -410,20 +574,18 @@ def run():
     except click.UsageError as error:
         error.show()
         sys.exit(2)
-    except click.Abort:
-        _say("pcodec: aborted")
-        sys.exit(130)
+    except (Interrupted, click.Abort, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        _say(f"pcodec: interrupted ({signal.Signals(signum).name})")
+        sys.exit(128 + signum)
     except PcodecError as error:
         _say(f"pcodec: error: {error}")
         sys.exit(error.exit_code)
     except BrokenPipeError:
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
     except MemoryError:
         _say("pcodec: error: out of memory")
         sys.exit(1)
     except Exception as error:  # a bug: still one line, never a traceback
         _say(f"pcodec: internal error: {type(error).__name__}: {error}")
         sys.exit(1)
-

@@ -236,6 +236,11 @@ def truncate(data: bytes, layers: int | None = None, max_bytes: int | None = Non
     return repack(header, *cut(header, payloads, partial, layers, max_bytes))
 
 
+def smallest_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Bytes of the smallest valid stream cut from `data`: its header with no section."""
+    return _packed_size(parse_header(data, max_pixels)[0], [])
+
+
 def _packed_size(header: Header, kept) -> int:
     table = tuple(Section(len(p), 0, f) for p, f in kept)
     return len(pack_header(replace(header, sections=table))) + sum(len(p) for p, _ in kept)

@@ -572,7 +572,8 @@ def analyse(model: LoadedModel, image: np.ndarray):
     torch = _torch()
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        y = tiled(model.network.analysis, x, 1 / 16, parallel=model.network.on_cpu)
+        y = tiled(model.network.analysis, x, 1 / 16, margin=model.network.margin,
+                  parallel=model.network.on_cpu)
         del x
         with single_threaded():  # small, and thread-count independent like the rest
             z = model.network.h_a(y)
@@ -641,7 +642,7 @@ def _render(model: LoadedModel, y_hat: np.ndarray, height: int, width: int) -> n
     torch = _torch()
     with stage("synthesis transform"), torch.no_grad():
         x = tiled(model.network.synthesis, torch.from_numpy(y_hat)[None], 16,
-                  parallel=model.network.on_cpu)
+                  margin=model.network.margin, parallel=model.network.on_cpu)
     pixels = x[0].mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # in place: large images
     return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()[:height, :width])
 

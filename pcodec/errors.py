@@ -21,3 +21,9 @@ class StreamError(PcodecError):
     """Corrupt, truncated or unsupported .pcb stream."""
 
     exit_code = 3
+
+
+class ModelError(PcodecError):
+    """The model a stream or --model names is not installed."""
+
+    exit_code = 4

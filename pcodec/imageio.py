@@ -117,35 +117,81 @@ def encode_image(pixels: np.ndarray, path: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_bytes(path: str, data: bytes, overwrite: bool = True):
-    """Write all of `data` or nothing: a temporary file in the same folder, renamed at the end,
-    so an existing file is never left half-written."""
+def write_bytes(path: str, data: bytes, overwrite: bool = False):
+    """Write all of `data` or nothing. A file goes to a temporary in the same folder, which
+    becomes `path` only when complete: by a link that fails if `path` exists (so two
+    processes never both take one name), or with `overwrite` by a rename over it. Nothing
+    half-written stays under any name: the temporary is removed on every error and signal."""
     if path == STDIO:
-        if sys.stdout.isatty():
-            raise UsageError("refusing to write binary data to a terminal (use -o FILE or a pipe)")
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        write_stdout(data)
         return
     target = Path(path)
     if not overwrite and target.exists():
-        raise RuntimeIOError(f"{path}: exists (--no-overwrite)")
+        raise RuntimeIOError(f"{path}: exists (-f/--force replaces it)")
     folder = target.parent if str(target.parent) else Path(".")
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except FileNotFoundError:
         raise RuntimeIOError(f"{path}: folder {folder} does not exist") from None
     except OSError as error:
-        raise RuntimeIOError(f"{path}: cannot write ({error.strerror})") from None
+        raise RuntimeIOError(f"{path}: cannot write ({_reason(error)})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, target)
+        if overwrite:
+            os.replace(temporary, target)
+        else:
+            _claim(temporary, target)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, FileExistsError):
+            raise RuntimeIOError(f"{path}: exists (-f/--force replaces it)") from None
         if isinstance(error, OSError):
-            raise RuntimeIOError(f"{path}: cannot write ({error.strerror})") from None
+            raise RuntimeIOError(f"{path}: cannot write ({_reason(error)})") from None
         raise
+
+
+def _claim(temporary: str, target: Path):
+    """Give the complete temporary the name `target` unless that name exists (atomically)."""
+    try:
+        os.link(temporary, target)  # FileExistsError if another process took the name
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: exclusive create, then rename
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(temporary, target)
+        return
+    os.unlink(temporary)
+
+
+def write_stdout(data: bytes):
+    """All of `data` to stdout, or an error: every short write is retried and a full disk or
+    a closed pipe is reported, never taken for success."""
+    if sys.stdout.isatty():
+        raise UsageError("refusing to write binary data to a terminal (use -o FILE or a pipe)")
+    sys.stdout.flush()
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # an in-memory stdout (tests, embedding)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(descriptor, view):]
+    except OSError as error:
+        raise RuntimeIOError(f"stdout: cannot write ({_reason(error)}, "
+                             f"{len(data) - len(view)} of {len(data)} bytes written)") from None
+
+
+def _reason(error: OSError) -> str:
+    import errno
+
+    return {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+            errno.EPIPE: "broken pipe: the reader closed it", errno.EACCES: "permission denied",
+            errno.EROFS: "read-only file system"}.get(error.errno, error.strerror or str(error))
 
 
 def _umask() -> int:
@@ -161,14 +207,3 @@ def same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def free_name(path: Path) -> Path:
-    """`path`, or path with -1, -2, ... before the suffix: the first that does not exist."""
-    if not path.exists():
-        return path
-    for number in range(1, 100000):
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise RuntimeIOError(f"no free output name next to {path}")

@@ -16,14 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RuntimeIOError, StreamError, UsageError
+from .errors import ModelError, RuntimeIOError, UsageError
 
 Z_RANGE = 64  # hyper-latent symbols -Z_RANGE..Z_RANGE; the two ends are escapes
 Z_TABLE_TOTAL = 1 << 16
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("PCODEC_MODELS", Path(__file__).resolve().parent.parent / "models"))
+    """PCODEC_MODELS, else the weights an installed package carries (pcodec/weights, from
+    models/ at build time), else the source tree's models/."""
+    if "PCODEC_MODELS" in os.environ:
+        return Path(os.environ["PCODEC_MODELS"])
+    here = Path(__file__).resolve().parent
+    installed = here / "weights"
+    return installed if (installed / "manifest.json").exists() else here.parent / "models"
 
 
 def manifest() -> dict:
@@ -92,21 +98,13 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
         raw = path.read_bytes()
         saved = torch.load(path, weights_only=True, map_location="cpu")
         config, state = saved["config"], saved["model"]
-        network = Transforms(config["N"], config["M"], state)
+        network = Transforms(config["N"], config["M"], state, config.get("design", "gdn5"),
+                             tuple(config.get("blocks", (1, 1, 1))))
+        z_table = saved["z_table"].numpy()
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
     hyper_synthesis = copy.deepcopy(network.h_s).double().requires_grad_(False)
     unit, int_steps = integer_steps(state["log_steps"].double().numpy())
-    z_table = saved.get("z_table")
-    if z_table is None:  # weights exported before tables were stored: derive them here
-        from .network import HyperpriorNetwork, NetworkConfig
-
-        full = HyperpriorNetwork(NetworkConfig(N=config["N"], M=config["M"],
-                                               layers=len(config["lambdas"])))
-        full.load_state_dict(state)
-        z_table = hyper_latent_table(full.entropy_bottleneck)
-    else:
-        z_table = z_table.numpy()
     offsets = saved.get("order_offsets")  # absent in weights made before the offsets
     return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), network,
                        hyper_synthesis, unit, int_steps, z_table, config,
@@ -120,8 +118,10 @@ def load(model_id: str | None = None, device: str = "cpu") -> LoadedModel:
     entries = manifest()["models"]
     model_id = model_id or default_model_id()
     if model_id not in entries:
-        raise StreamError(f"unknown model id {model_id!r} (this pcodec has: "
-                          f"{', '.join(sorted(entries))})")
+        retired = manifest().get("retired", {}).get(model_id)
+        where = f"; {retired}" if retired else ""
+        raise ModelError(f"model {model_id!r} is not installed (this pcodec has: "
+                         f"{', '.join(sorted(entries))}){where}")
     path = models_dir() / entries[model_id]["file"]
     if not path.exists():
         raise RuntimeIOError(f"model weights {path} are missing")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -105,6 +106,55 @@ def fuzz(model, streams, cases: int, seed: int = 0, report_every: int = 0):
         counts[f"{kind}:{outcome}"] = counts.get(f"{kind}:{outcome}", 0) + 1
         if report_every and (number + 1) % report_every == 0:
             print(f"{number + 1} cases, {len(findings)} findings", file=sys.stderr, flush=True)
+    return counts, findings
+
+
+EXIT_CODES = {0, 1, 2, 3, 4}  # pcodec --help's table, less the signals'
+
+
+def check_cli_case(folder: Path, data: bytes, rng: random.Random) -> str:
+    """The mutant through `decode`, `decode --partial`, `info` and `truncate`, in process:
+    exit codes from the table, no exception but SystemExit, and an error line that names the
+    file. Returns the exit codes, e.g. '3/0/3/3'."""
+    from click.testing import CliRunner
+
+    from pcodec.cli import main
+
+    source = folder / "case.pcb"
+    source.write_bytes(data)
+    codes = []
+    for command in (["decode", "-f", source, "-o", folder / "out.png"],
+                    ["decode", "-f", "--partial", source, "-o", folder / "out.png"],
+                    ["info", source],
+                    ["truncate", "-f", source, "--bytes", rng.randrange(1, 4000), "-o",
+                     folder / "out.pcb"]):
+        start = time.perf_counter()
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        elapsed = time.perf_counter() - start
+        assert elapsed < CASE_SECONDS, f"{command[0]} took {elapsed:.1f} s"
+        assert result.exception is None or isinstance(result.exception, SystemExit), \
+            f"{command[0]}: {type(result.exception).__name__}: {result.exception}"
+        assert result.exit_code in EXIT_CODES, f"{command[0]} exited {result.exit_code}"
+        assert "Traceback" not in result.output
+        if result.exit_code:
+            assert str(source) in result.stderr, f"{command[0]}: {result.stderr!r}"
+        codes.append(str(result.exit_code))
+    return "/".join(codes)
+
+
+def fuzz_cli(streams, cases: int, folder: Path, seed: int = 0):
+    rng = random.Random(seed)
+    counts: dict[str, int] = {}
+    findings = []
+    for number in range(cases):
+        stream, _ = streams[number % len(streams)]
+        kind, data = mutate(stream, rng)
+        try:
+            outcome = check_cli_case(folder, data, rng)
+        except Exception as error:  # noqa: BLE001 - a finding, recorded with its input
+            findings.append((kind, data, f"{type(error).__name__}: {error}"))
+            outcome = "FINDING"
+        counts[f"{kind}:{outcome}"] = counts.get(f"{kind}:{outcome}", 0) + 1
     return counts, findings
 
 

@@ -1,5 +1,5 @@
 """Golden streams: written once per format version with the tiny test model (and one with
-each shipped model release, whose weights stay in models/ so old files keep decoding), then
+each shipped model), then
 decoded by every later build to the same latent, bit for bit (what the format defines), and
 to an image of the same quality (the synthesis arithmetic may change: bf16 or not, CPU or GPU).
 `python tests/golden.py` regenerates them (only on a format version bump);
@@ -36,17 +36,7 @@ def cases():
     return [("a", TEST_MODEL_ID, 37, 53, 1, [{}, {"layers": 2}, {"max_bytes": 220}]),
             ("b", TEST_MODEL_ID, 1, 1, 2, [{}]),
             ("c", TEST_MODEL_ID, 70, 9, 3, [{}, {"layers": 0}]),
-            # the first shipped weights (session 1), on a small image to keep the file small
-            ("hp128-dhq8", "hp128-dhq8", 48, 80, 4, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # session 2's weights, the default until session 3
-            ("hp128-dhq8-r2", "hp128-dhq8-r2", 48, 80, 5, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # session 3's weights, the default until session 5
-            ("hp128-dhq8-r3", "hp128-dhq8-r3", 48, 80, 6, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # session 5's weights, the first with coding-order offsets
-            ("hp128-dhq8-r4", "hp128-dhq8-r4", 48, 80, 7, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # session 6's weights, trained on 256x256 crops
-            ("hp128-dhq8-r5", "hp128-dhq8-r5", 48, 80, 8, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # session 12's weights: session 11's restart, then the synthesis fine-tuned alone
+            # the default gdn5 model's
             ("hp128-dhq8-r6", "hp128-dhq8-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 

@@ -50,8 +50,10 @@ def test_users_examples_work_as_written(workdir):
     assert (workdir / "img.png").read_bytes() == original  # the original is never clobbered
     decoded = [p for p in workdir.iterdir() if p.suffix == ".png" and p.name != "img.png"]
     assert len(decoded) == 1
-    assert pcodec("decode", "img.pcb", "--layers", "3", cwd=workdir).exit_code == 0
-    assert len([p for p in workdir.iterdir() if p.suffix == ".png"]) == 3  # a second free name
+    again = pcodec("decode", "img.pcb", "--layers", "3", cwd=workdir)  # never replaced unasked
+    assert again.exit_code == 1 and "img.l3.png: exists" in again.stderr
+    assert pcodec("decode", "img.pcb", "--layers", "3", "-f", cwd=workdir).exit_code == 0
+    assert len([p for p in workdir.iterdir() if p.suffix == ".png"]) == 2
     result = pcodec("truncate", "img.pcb", "--bytes", "5000", "-o", "small.pcb", cwd=workdir)
     assert result.exit_code == 0 and (workdir / "small.pcb").stat().st_size <= 5000
     info = pcodec("info", "img.pcb", cwd=workdir)
@@ -143,7 +145,7 @@ def test_unreadable_and_non_image_inputs(workdir):
 def test_failed_run_leaves_existing_output_intact(workdir):
     (workdir / "keep.png").write_bytes(b"precious")
     (workdir / "bad.pcb").write_bytes(b"garbage")
-    assert pcodec("decode", "bad.pcb", "-o", "keep.png", cwd=workdir).exit_code == 3
+    assert pcodec("decode", "bad.pcb", "-o", "keep.png", "-f", cwd=workdir).exit_code == 3
     assert (workdir / "keep.png").read_bytes() == b"precious"
     assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
 
@@ -178,10 +180,17 @@ def test_parallel_jobs_give_the_same_files_and_go_on_past_a_bad_one(workdir):
     assert sorted(p.name for p in (workdir / "two").glob("*.png")) == ["a.l2.png", "c.l2.png", "d.l2.png"]
 
 
-def test_no_overwrite(workdir):
+def test_an_existing_output_is_replaced_only_with_force_by_every_command(workdir):
     (workdir / "img.pcb").write_bytes(b"old")
-    assert pcodec("encode", "img.png", "-o", "img.pcb", "--no-overwrite", cwd=workdir).exit_code == 1
+    result = pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    assert result.exit_code == 1 and "img.pcb: exists (-f/--force replaces it)" in result.stderr
     assert (workdir / "img.pcb").read_bytes() == b"old"
+    assert pcodec("encode", "img.png", "-o", "img.pcb", "--force", cwd=workdir).exit_code == 0
+    (workdir / "cut.pcb").write_bytes(b"old")
+    assert pcodec("truncate", "img.pcb", "--layers", "2", "-o", "cut.pcb", cwd=workdir).exit_code == 1
+    assert pcodec("truncate", "img.pcb", "--layers", "2", "-o", "cut.pcb", "-f",
+                  cwd=workdir).exit_code == 0
+    assert (workdir / "cut.pcb").read_bytes() != b"old"
 
 
 def test_usage_errors_exit_2(workdir):
@@ -286,3 +295,43 @@ def test_help_and_info_do_not_import_torch():
     code = ("import sys, pcodec.cli as c; sys.argv=['pcodec','--help'];\n"
             "try: c.run()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_flags_and_exit_codes_are_the_same_across_commands(workdir):
+    assert pcodec("encode", "-q", "img.png", "-o", "img.pcb", cwd=workdir).stderr == ""
+    assert "Exit codes" in pcodec("--help").output and "4 model not installed" in pcodec(
+        "decode", "--help").output
+    too_many = pcodec("decode", "img.pcb", "--layers", "12", "-o", "x.png", cwd=workdir)
+    assert too_many.exit_code == 2 and "the stream has 8 layers" in too_many.stderr
+    assert pcodec("truncate", "img.pcb", "--layers", "9", cwd=workdir).exit_code == 2
+    assert pcodec("encode", "img.png", "--layers", "9", "-o", "y.pcb", cwd=workdir).exit_code == 2
+    missing = pcodec("encode", "img.png", "--model", "nosuch", "-o", "z.pcb", cwd=workdir)
+    assert missing.exit_code == 4 and "'nosuch' is not installed" in missing.stderr
+    tiny = pcodec("encode", "img.png", "--bpp", "0.0001", "-o", "t.pcb", cwd=workdir)
+    assert tiny.exit_code == 2 and "--bpp 0.0001" in tiny.stderr and "--bytes" not in tiny.stderr
+    assert not [p for p in workdir.iterdir() if p.suffix == ".pcb" and p.name != "img.pcb"]
+    done = subprocess.run([sys.executable, "-m", "pcodec", "train", "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: pcodec train")
+
+
+def test_partial_decoding_says_what_it_dropped_and_info_describes_the_same(workdir):
+    pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    import json
+
+    from pcodec import container
+
+    data = (workdir / "img.pcb").read_bytes()
+    header, length = container.parse_header(data)
+    fifth = length + sum(s.length for s in header.sections[:5])  # layer 5 starts here
+    damaged = bytearray(data)
+    damaged[fifth + 3] ^= 0xFF
+    (workdir / "bad.pcb").write_bytes(bytes(damaged))
+    assert pcodec("info", "bad.pcb", cwd=workdir).exit_code == 3
+    result = pcodec("decode", "--partial", "bad.pcb", "-o", "bad.png", cwd=workdir)
+    assert result.exit_code == 0
+    assert "bad.pcb: stream cut or damaged: 4 of 8 layers whole" in result.stderr
+    document = json.loads(pcodec("info", "--partial", "--json", "bad.pcb", cwd=workdir).stdout)
+    assert len(document["sections"]) == 5 and document["status"] == "cut"
+    quiet = pcodec("decode", "-q", "--partial", "bad.pcb", "-o", "q.png", cwd=workdir)
+    assert quiet.exit_code == 0 and quiet.stderr == ""

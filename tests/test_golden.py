@@ -22,3 +22,14 @@ def test_golden_streams_decode_to_recorded_latents():
             assert result["latent_sha256"] == case["latent_sha256"], (name, case["options"])
             # bf16 vs float32 synthesis moved these tiny images' PSNR by up to 0.08 dB.
             assert abs(psnr(result["pixels"], source) - case["psnr"]) < 0.25, (name, case["options"])
+
+
+def test_a_stream_of_a_retired_model_names_it_and_where_its_weights_are(tmp_path):
+    from test_cli import pcodec
+
+    result = pcodec("decode", DATA / "golden-hp128-dhq8.pcb", "-o", tmp_path / "x.png")
+    assert result.exit_code == 4
+    line = result.output.strip()
+    assert "golden-hp128-dhq8.pcb" in line or "'hp128-dhq8'" in line
+    assert "not installed" in line and "models/hp128-dhq8.pt at commit" in line
+    assert not (tmp_path / "x.png").exists()

@@ -392,3 +392,48 @@ def test_training_at_every_layer_of_each_crop_logs_every_layer(photos, tmp_path)
     record = state["history"][-1]
     assert state["images"] == 2  # crops, not crop-layers
     assert all(np.isfinite(record["psnr"])) and all(b > 0 for b in record["bpp"])
+
+
+def test_the_two_stages_of_the_pu_design_train_and_code_real_streams(photos, tmp_path):
+    """Base stage (single rate, the unit grid) then the ladder from its exported weights; each
+    stage's loss falls and its weights code a stream whose quality rises with every layer."""
+    base = replace(train.CONFIGS["tiny"], design="pu", blocks=(1, 1, 2), stage="base",
+                   checkpoint_every=10, threads=1, lr=1e-3)
+    _, state = train.train(base, photos, tmp_path / "base", 30, None, None)
+    losses = [r["loss"] for r in state["history"]]
+    assert losses[-1] < losses[0]
+    assert all(r["stage"] == "base" and r["bpp"][-1] > 0 and r["bpp"][0] == 0
+               for r in state["history"])  # one reconstruction per crop, at the finest λ
+    models = tmp_path / "models"
+    train.export_model(tmp_path / "base", "tiny-base", None, "test", models_folder=models)
+    weights = load_weights_file(models / "tiny-base.pt")
+    assert weights.config["design"] == "pu" and weights.network.margin >= 8
+
+    ladder = replace(base, stage="ladder")
+    log = io.StringIO()
+    _, state = train.train(ladder, photos, tmp_path / "ladder", 60, models / "tiny-base.pt",
+                           None, log=log)
+    assert "started from weights" in log.getvalue()
+    assert "stage" not in state["history"][-1]
+    train.export_model(tmp_path / "ladder", "tiny-ladder", None, "test", models_folder=models)
+    weights = load_weights_file(models / "tiny-ladder.pt")
+    image = synthetic_image(48, 64, 4)
+    header, payloads, partial = engine.read_stream(weights, engine.encode(weights, image))
+    quality = [psnr(engine.synthesize(weights, latents, 48, 64), image)
+               for _, latents in engine.decode_latents(weights, header, payloads, partial)]
+    assert len(quality) == 9 and quality[-1] > quality[1]
+
+
+def test_pu_transforms_tile_like_one_pass():
+    """The pu synthesis's receptive field is wider than gdn5's: its tiles take more context."""
+    from pcodec.network import HyperpriorNetwork, NetworkConfig
+    from pcodec.transforms import Transforms
+
+    torch.manual_seed(0)
+    net = HyperpriorNetwork(NetworkConfig(N=16, M=24, design="pu", blocks=(1, 2, 2)))
+    transforms = Transforms(16, 24, net.state_dict(), "pu", (1, 2, 2))
+    y = torch.randn(1, 24, 20, 28)
+    with torch.no_grad():
+        whole = transforms.synthesis(y)
+        pieces = engine.tiled(transforms.synthesis, y, 16, tile=8, margin=transforms.margin)
+    assert (whole - pieces).abs().max() < 2e-3
