@@ -60,7 +60,7 @@ def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tens
     normalised by Φ(b) in the log domain so that tail intervals stay finite).
 
     Computed in float64, as the coder does. An interval hundreds of σ out in the tail (a
-    confidently wrong prior: σ 0.04–0.1 and y* 80–450, seen in session 10's run) puts -b²/2
+    confidently wrong prior: σ 0.04–0.1 and y* 80–450, seen in the 2026-12-02 work's run) puts -b²/2
     near -5e5, where float32's spacing is 0.03–0.06: the mean came out units away from the
     decoder's (or fell back to the midpoint, 10 units away) and its gradient to σ reached 1e6;
     single batches had gradient norms of 1e7 through the prior into the analysis, and the run
@@ -283,77 +283,3 @@ class HyperpriorNetwork(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         return self.entropy_bottleneck.loss()
-
-
-# Where each tensor that depends on M grows when the latent is widened: (dimension, kind) per
-# grown dimension. "out": new units with small random incoming weights; "in": new inputs with
-# zero weights, so the old outputs do not change — except g_s's input, the new latent
-# channels, which get small random weights: their reconstruction starts at ≈ 0, and with both
-# sides zero neither would ever get a gradient. The prior's last layer puts M scales, then M
-# means, so its old rows are split in two ("halves").
-_WIDENED = {
-    "g_a.6.weight": ((0, "out"),), "g_a.6.bias": ((0, "out"),),
-    "g_s.0.weight": ((0, "latent in"),),
-    "h_a.0.weight": ((1, "in"),),
-    "h_s.0.weight": ((1, "out"),), "h_s.0.bias": ((0, "out"),),
-    "h_s.2.weight": ((0, "in"), (1, "out")), "h_s.2.bias": ((0, "out"),),
-    "h_s.4.weight": ((0, "halves"), (1, "in")), "h_s.4.bias": ((0, "halves"),),
-}
-WIDEN_RANDOM_SCALE = 0.05  # new random weights, relative to the std of the layer's old ones
-# The prior's σ of a new channel until it learns one, per finest step: the finest cell spans
-# ±4σ, so an element that stays in it costs 1e-4 bit.
-WIDEN_SCALE_PER_STEP = 1 / 8
-
-
-def widen_latent(old: dict, model: HyperpriorNetwork, seed: int = 0) -> dict:
-    """A state dict for `model` (latent width M) from `old` (a narrower latent): the same
-    codec on the old channels, new channels that start silent and learn from there.
-
-    Why: the finest layer is capped by the transforms (g_s(g_a(x)) reaches 37.8 dB with
-    M = 192; the issue asks ≥ 40 dB), and published mean-scale models use M = 320 for high
-    rates. Widening keeps every step trained so far; retraining from scratch would not.
-    New channels take each layer's median step; their σ is far below it, so they cost no
-    bits until training moves them out of the central cell."""
-    generator = torch.Generator().manual_seed(seed)
-    new = model.state_dict()
-    M_old, M = old["log_steps"].shape[1], new["log_steps"].shape[1]
-    out = {}
-    for name, target in new.items():
-        source = old[name]
-        if name.startswith("entropy_bottleneck."):  # the hyper-latent's, N wide: as it was
-            out[name] = source.clone()
-            continue
-        if name == "log_steps":
-            median = source.median(dim=1, keepdim=True).values
-            out[name] = torch.cat([source, median.expand(-1, M - M_old)], dim=1)
-            continue
-        if source.shape == target.shape:
-            out[name] = source.clone()
-            continue
-        rules = _WIDENED.get(name)
-        if rules is None:
-            raise ValueError(f"cannot widen {name}: {tuple(source.shape)} -> {tuple(target.shape)}")
-        std = float(source.std()) if source.dim() > 1 else 0.0
-        grown = torch.zeros(target.shape, dtype=source.dtype)
-        if source.dim() > 1 and any(kind in ("out", "latent in") for _, kind in rules):
-            # random where new units meet; the old block is copied over it below
-            grown.normal_(0.0, WIDEN_RANDOM_SCALE * std, generator=generator)
-        if any(kind == "halves" for _, kind in rules):
-            half_old, half_new = source.shape[0] // 2, target.shape[0] // 2
-            if source.dim() == 1:  # the bias: a new channel's σ (its mean stays 0)
-                finest = float(torch.exp(old["log_steps"][-1].median()))
-                grown[:half_new] = max(SCALE_MIN, finest * WIDEN_SCALE_PER_STEP)
-            for part in range(2):
-                rows = slice(part * half_new, part * half_new + half_old)
-                grown[(rows, *(slice(0, s) for s in source.shape[1:]))] = \
-                    source[part * half_old:(part + 1) * half_old]
-        else:
-            grown[tuple(slice(0, s) for s in source.shape)] = source
-        # zero the new inputs of units (old and new) that take them as "in"
-        for dim, kind in rules:
-            if kind == "in":
-                index = [slice(None)] * grown.dim()
-                index[dim] = slice(source.shape[dim], None)
-                grown[tuple(index)] = 0.0
-        out[name] = grown
-    return out

@@ -62,17 +62,7 @@ class TrainConfig:
     # the step scale pins y's (by rescaling y after every update). -r5's finest mean step is
     # 7.0. Opt-in (--set finest_step=7.0) until a run has shown it stable.
     finest_step: float = 0.0
-    # Least ratio between neighbouring layers' steps, per channel, held after every update (0:
-    # free). Below 1.6 a layer leaves a cell whole and its step gets no gradient of its own
-    # (quant.layers_in_use): session 11's restart idled layers 2 and 4 in most channels of
-    # -r6. Opt-in until a run has measured what keeping every layer live does to the BD-rate;
-    # 1.7 leaves room for the steps' rounding to grid units.
-    min_step_ratio: float = 0.0
     lambdas: tuple = LAMBDA_LADDER
-    # A weight per layer on its loss (empty: all 1). Unweighted, a layer's loss grows with its
-    # λ — at step 50,000, 0.32 for layer 1 and 13.4 for layer 8 — so the finest two layers
-    # were 75 % of every gradient, and which layers a batch of 4 drew set its size.
-    layer_weights: tuple = ()
     # "synthesis": fine-tune g_s alone from --init weights. The encoder, prior and steps stay
     # fixed, so every layer of every file keeps its bytes exactly; the loss is the mean over
     # layers of log MSE (= mean PSNR, what a BD-rate with fixed rates rewards), where the
@@ -85,7 +75,7 @@ class TrainConfig:
     # the whole ladder's objective for its crops.
     layers_per_crop: int = 1
     # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
-    # EPYC without AVX-512 (session 11) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
+    # EPYC without AVX-512 (the 2026-12-02 work) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True
     channels_last: bool = True
     compile: bool = False  # torch.compile: 13 % faster steps, minutes of warm-up per run
@@ -133,7 +123,7 @@ def network_config(config: TrainConfig):
 def config_from_dict(saved: dict) -> TrainConfig:
     """A TrainConfig from its saved form (tuples come back from JSON/pickle as lists)."""
     known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
-    for key in ("lambdas", "blocks", "layer_weights"):
+    for key in ("lambdas", "blocks"):
         if key in known:
             known[key] = tuple(known[key])
     return TrainConfig(**known)
@@ -153,7 +143,7 @@ REWARM_STEPS = 1000
 
 def rewarmed(rate: float, resumed_rate: float | None, steps_since_resume: int) -> float:
     """The rate after a resume: a schedule that asks for more than the run last used climbs
-    to it geometrically over REWARM_STEPS. Session 9 resumed a run decayed to 8e-6 at 1e-4
+    to it geometrically over REWARM_STEPS. The 2026-12-02 work resumed a run decayed to 8e-6 at 1e-4
     directly: non-finite batches 93 steps later and a loss of 5.5 (3.4 before)."""
     if resumed_rate is None or rate <= resumed_rate or steps_since_resume >= REWARM_STEPS:
         return rate
@@ -196,19 +186,15 @@ class PatchSampler:
         return out
 
 
-def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas, weights=None):
-    """Per-image λ·255²·MSE + bpp, times its layer's weight if given, averaged over the batch;
-    also returns the parts."""
+def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas):
+    """Per-image λ·255²·MSE + bpp averaged over the batch; also returns the parts."""
     import torch
 
     pixels = x.shape[2] * x.shape[3]
     bits = (-torch.log2(y_likelihoods).sum((1, 2, 3)) - torch.log2(z_likelihoods).sum((1, 2, 3)))
     bpp = bits / pixels
     mse = ((x - x_hat) ** 2).mean((1, 2, 3))
-    loss = lambdas * 255**2 * mse + bpp
-    if weights is not None:
-        loss = weights * loss
-    return loss.mean(), bpp.detach(), mse.detach()
+    return (lambdas * 255**2 * mse + bpp).mean(), bpp.detach(), mse.detach()
 
 
 def load_optimizer_state(optimizer, params, saved: dict):
@@ -257,8 +243,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         raise SystemExit("train_only=synthesis fine-tunes trained weights: give --init")
     if synthesis_only and config.finest_step > 0:  # it rescales y: the bytes would move
         raise SystemExit("finest_step rescales the encoder's y: not with train_only=synthesis")
-    if synthesis_only and config.min_step_ratio > 0:
-        raise SystemExit("min_step_ratio moves the steps: not with train_only=synthesis")
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     if synthesis_only:
@@ -293,13 +277,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     elif init_weights is not None:
         weights = torch.load(init_weights, weights_only=False)
         init_state = weights["model"]
-        init_M = init_state["log_steps"].shape[1]
-        if init_M < config.M:  # --set M=... wider than the weights: widen the latent
-            from .network import widen_latent
-
-            init_state = widen_latent(init_state, model, seed=config.seed)
-            print(f"widened the latent of {init_weights} from M={init_M} to M={config.M}",
-                  file=log)
         # Tolerate parameters an older architecture had and this one dropped (e.g. DeepHQ's
         # dequantization gains), never missing ones.
         missing, unexpected = model.load_state_dict(init_state, strict=False)
@@ -328,10 +305,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         print("this CPU has no native bf16: training in float32", file=log)
     sampler = PatchSampler(data, config.patch, config.seed + state["step"])
     lambdas_all = torch.tensor(config.lambdas)
-    if config.layer_weights and len(config.layer_weights) != len(config.lambdas):
-        raise SystemExit(f"{len(config.layer_weights)} layer weights for "
-                         f"{len(config.lambdas)} layers")
-    weights_all = torch.tensor(config.layer_weights) if config.layer_weights else None
     layer_rng = random.Random(config.seed * 7919 + state["step"])
     log_path = run_dir / "train.log"
 
@@ -371,12 +344,11 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=autocast)
             batch_lambdas = lambdas_all[layer_of - 1]
             loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
-                                     z_lik, batch_lambdas,
-                                     None if weights_all is None else weights_all[layer_of - 1])
+                                     z_lik, batch_lambdas)
         optimizer.zero_grad(set_to_none=True)
         # A rare bad batch must not poison the weights: skip it when its loss or its gradient
         # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
-        # it on to every weight). Session 4's run skipped every batch from step 30,926 on, its
+        # it on to every weight). The 2026-11-30 work's run skipped every batch from step 30,926 on, its
         # weights most likely NaN; it now stops instead of spinning.
         finite = bool(torch.isfinite(loss))
         if finite:
@@ -392,7 +364,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 raise SystemExit(f"training diverged: {skipped_in_a_row} non-finite batches in a "
                                  f"row at step {state['step']}; resume from the checkpoint, "
                                  f"perhaps with a lower --set lr=")
-            # Unattended runs (session 9's stopped at 61,772; a rerun of the same batches went
+            # Unattended runs (the 2026-12-02 work's stopped at 61,772; a rerun of the same batches went
             # past it): back to the last checkpoint, on other batches.
             rollbacks += 1
             diverged_at, skipped = state["step"], state["skipped"]
@@ -475,7 +447,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
 
 def draw_layers(rng: random.Random, layers: int, crops: int, per_crop: int):
     """The layer of each row of a training step: one random layer per crop (per_crop = 1,
-    every run before session 14), or `per_crop` layers per crop dealt from shuffled decks of
+    every run before the 2026-12-03 work), or `per_crop` layers per crop dealt from shuffled decks of
     the ladder, so that a step sees each layer once before any twice (2 crops × 4: the whole
     ladder every step). Row k·crops + b holds crop b, the order network.forward repeats in."""
     import torch
@@ -492,27 +464,10 @@ def draw_layers(rng: random.Random, layers: int, crops: int, per_crop: int):
 
 
 def hold_steps(model, config: TrainConfig, log=None):
-    """The opt-in holds on the steps, after every update: the least ratio between layers
-    first (it shrinks finer steps), then the finest mean step (rescaling y, not just the
-    steps: shifting the log-steps alone, session 8's first try, made the quantizer finer
-    against y at every update, and both runs that did it diverged)."""
-    hold_step_ratios(model, config.min_step_ratio)
+    """The opt-in hold on the steps, after every update: the finest mean step, by rescaling y,
+    not just the steps (shifting the log-steps alone made the quantizer finer against y at
+    every update, and both runs that did it diverged)."""
     hold_finest_step(model, config.finest_step, log)
-
-
-def hold_step_ratios(model, ratio: float):
-    """Make each layer's step at most 1/`ratio` of the layer above's, per channel, by
-    shrinking the finer one (top down: one pass holds them all). The constraint is linear in
-    the log-steps, so the moving average of held weights holds it too."""
-    if ratio <= 0:
-        return
-    import torch
-
-    with torch.no_grad():
-        log_steps = model.log_steps
-        for layer in range(1, log_steps.shape[0]):
-            log_steps[layer] = torch.minimum(log_steps[layer],
-                                             log_steps[layer - 1] - math.log(ratio))
 
 
 def hold_finest_step(model, finest_step: float, log=None):
@@ -659,8 +614,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None,
                         help="train until this total step count (default: the config's)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from exported weights with a fresh optimizer (with a "
-                             "larger --set M=..., their latent is widened first)")
+                        help="start from exported weights with a fresh optimizer")
     parser.add_argument("--set", action="append", default=[],
                         help="override a config field, e.g. --set lr=1e-4")
     parser.add_argument("--export", metavar="MODEL_ID", default=None,

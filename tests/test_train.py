@@ -40,19 +40,7 @@ def test_set_overrides_parse_into_the_field_types():
     assert train.parse_setting(config.steps, "100") == 100
     assert train.parse_setting(config.compile, "true") is True
     assert train.parse_setting(config.compile, "0") is False
-    assert train.parse_setting(config.layer_weights, "3.9,0.61") == (3.9, 0.61)
-
-
-def test_layer_weights_scale_each_image_loss_by_its_layer_weight():
-    torch.manual_seed(0)
-    x, x_hat = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
-    y_lik, z_lik = torch.rand(2, 4, 2, 2) * 0.9 + 0.05, torch.ones(2, 4, 1, 1)
-    lambdas = torch.tensor([0.001, 0.1])
-    plain, bpp, mse = train.rd_loss(x, x_hat, y_lik, z_lik, lambdas)
-    per_image = lambdas * 255**2 * mse + bpp
-    assert torch.allclose(plain, per_image.mean())
-    weighted, _, _ = train.rd_loss(x, x_hat, y_lik, z_lik, lambdas, torch.tensor([4.0, 0.5]))
-    assert torch.allclose(weighted, (per_image * torch.tensor([4.0, 0.5])).mean())
+    assert train.parse_setting(config.blocks, "1,2,2") == (1, 2, 2)
 
 
 def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
@@ -232,44 +220,6 @@ def test_rescaling_the_latent_leaves_the_codec_unchanged():
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_widening_the_latent_leaves_the_codec_unchanged_and_the_new_channels_learn():
-    from pcodec.network import HyperpriorNetwork, NetworkConfig, widen_latent
-
-    torch.manual_seed(2)
-    narrow = HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=3)).eval()
-    with torch.no_grad():
-        narrow.h_s[-1].bias[:24] = 5.0  # σ clear of the clamps
-        narrow.log_steps += 3.0  # steps as a trained model's: the finest 3.2, not 0.16
-    wide = HyperpriorNetwork(NetworkConfig(N=16, M=40, layers=3)).eval()
-    wide.load_state_dict(widen_latent(narrow.state_dict(), wide))
-    x = torch.rand(2, 3, 64, 64)
-    for layer in (1, 2, 3):
-        layer_of = torch.tensor([layer, layer])
-        with torch.no_grad():
-            before, after = narrow(x, layer_of, autocast=False), wide(x, layer_of, autocast=False)
-        assert torch.allclose(before[0], after[0], atol=1e-5)  # the same reconstruction
-        assert torch.allclose(before[2], after[2])  # the same hyper-latent
-        assert torch.allclose(before[1], after[1][:, :24])  # old channels: the same rate
-        assert float(-torch.log2(after[1][:, 24:]).mean()) < 1e-3  # new ones: no bits yet
-    wide.train()
-    x_hat, _, _ = wide(x, torch.tensor([3, 3]), autocast=False)
-    ((x_hat - x) ** 2).mean().backward()
-    assert float(wide.g_a[-1].weight.grad[24:].abs().sum()) > 0  # the new channels will move
-
-
-def test_training_can_start_from_narrower_weights(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
-    train.train(config, photos, tmp_path / "narrow", 2, None, None)
-    weights = tmp_path / "narrow.pt"
-    train.export_checkpoint(tmp_path / "narrow" / "checkpoint.pt", weights)
-    log = io.StringIO()
-    model, state = train.train(replace(config, M=40), photos, tmp_path / "wide", 4, weights,
-                               None, log=log)
-    assert "from M=24 to M=40" in log.getvalue()
-    assert model.log_steps.shape[1] == 40 and state["step"] == 4
-    assert torch.isfinite(model.g_a[-1].weight).all()
-
-
 def test_large_kernels_are_stored_in_half_precision_and_code_as_before(photos, tmp_path,
                                                                       monkeypatch):
     config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
@@ -334,26 +284,8 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
         train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
     with pytest.raises(SystemExit, match="finest_step"):
         train.train(replace(tuning, finest_step=7.0), photos, tmp_path / "held", 2, base, None)
-    with pytest.raises(SystemExit, match="min_step_ratio"):
-        train.train(replace(tuning, min_step_ratio=1.7), photos, tmp_path / "ratio", 2, base,
-                    None)
     with pytest.raises(SystemExit, match="only 'synthesis'"):
         train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
-
-
-def test_a_least_step_ratio_keeps_every_layer_splitting(photos, tmp_path):
-    from pcodec.quant import integer_steps, layers_in_use
-
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=3, threads=1, min_step_ratio=1.7)
-    model, _ = train.train(config, photos, tmp_path / "run", 3, None, None)
-    steps = model.log_steps.detach().double().exp()
-    assert (steps[:-1] / steps[1:]).min() >= 1.7 * (1 - 1e-6)
-    use = layers_in_use(integer_steps(model.log_steps.detach().double().numpy())[1])
-    assert min(use["channels_split_any"]) == 1.0
-    free, _ = train.train(replace(config, min_step_ratio=0.0), photos, tmp_path / "free", 3,
-                          None, None)
-    free_steps = free.log_steps.detach().double().exp()
-    assert (free_steps[:-1] / free_steps[1:]).min() < 1.7  # the initial ratio is 1.65
 
 
 def test_layers_per_crop_are_dealt_so_a_step_sees_the_whole_ladder():
