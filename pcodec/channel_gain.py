@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .quant import KEY_UNITS_PER_BIT
+
 NOISE_LAYER = 2  # the noise is as wide as this layer's step (0-based): mid-stream errors
 CROP = 256
-KEY_UNITS_PER_BIT = 16  # must match quant.refinement_priority's quantisation
 
 
 def training_crops(folder: Path, count: int = 6, size: int = CROP) -> list[np.ndarray]:

@@ -51,7 +51,7 @@ def hyper_latent_table(entropy_bottleneck) -> np.ndarray:
 
     import torch
 
-    eb = copy.deepcopy(entropy_bottleneck).double()
+    eb = copy.deepcopy(entropy_bottleneck).cpu().double()
     channels = eb.matrices[0].shape[0]
     values = torch.arange(-Z_RANGE, Z_RANGE + 1, dtype=torch.float64)
     inputs = values.view(1, 1, -1).repeat(channels, 1, 1)

@@ -20,15 +20,13 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck
     from compressai.layers import GDN
 
-from .quant import RECONSTRUCTION_SPREAD
+from .quant import RECONSTRUCTION_SPREAD, SCALE_MAX, SCALE_MIN, SLIVER
 from .transforms import build_transforms
 
 # The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64). Training
 # once clamped only from below: nothing fixes the scale of y (y/c, steps/c, μ/c, σ/c code the
 # same), it drifted up at lr 1e-4, and by step 56,200 80 % of kodim01's σ were above 64, where
 # the coder snaps them to 64: real files got worse while the training loss held.
-SCALE_MIN, SCALE_MAX = 0.04, 64.0
-SLIVER = 0.3  # DeepHQ's boundary-aware threshold: slivers narrower than 0.3 step are merged
 LIKELIHOOD_MIN = 1e-9
 PU_LATENT_GAIN = 8.0
 
@@ -213,13 +211,13 @@ class HyperpriorNetwork(nn.Module):
 
         Rate and distortion are those of the coder's own nested intervals (see below).
         """
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             y = self.g_a(x)
             z = self.h_a(y)
         y, z = y.float(), z.float()
         _, z_likelihoods = self.entropy_bottleneck(z)
         z_hat = z + (torch.round(z) - z).detach()  # straight-through rounding
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             means, scales = self.prior(z_hat)
         y_star = y - means
         repeats = len(layer_of) // x.shape[0]
@@ -235,7 +233,7 @@ class HyperpriorNetwork(nn.Module):
             interval_mass(lower + slide, upper + slide, scales), min=LIKELIHOOD_MIN)
         # Distortion: the decoder's reconstruction, the conditional mean in the interval.
         y_hat = means + conditional_mean(lower, upper, scales) + slide
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat)
         return x_hat.float(), y_likelihoods, z_likelihoods
 
@@ -244,20 +242,20 @@ class HyperpriorNetwork(nn.Module):
         to the unit grid, straight-through into the synthesis (one reconstruction per crop);
         the rate from the prior's mass on the unit cell around y − μ plus uniform noise
         ("mixed" quantization, Minnen & Singh 2020). The ladder's steps are not used."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             y = self.g_a(x)
             z = self.h_a(y)
         y, z = y.float(), z.float()
         _, z_likelihoods = self.entropy_bottleneck(z)
         z_hat = z + (torch.round(z) - z).detach()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             means, scales = self.prior(z_hat)
         y_star = y - means
         noisy = y_star + torch.empty_like(y_star).uniform_(-0.5, 0.5)
         y_likelihoods = torch.clamp(interval_mass(noisy - 0.5, noisy + 0.5, scales),
                                     min=LIKELIHOOD_MIN)
         y_hat = means + y_star + (torch.round(y_star) - y_star).detach()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat)
         return x_hat.float(), y_likelihoods, z_likelihoods
 
@@ -268,7 +266,7 @@ class HyperpriorNetwork(nn.Module):
         The encoder, prior and steps fixed, every layer's bytes are fixed too, so the loss is
         distortion only and whatever it gains is PSNR at the same rate."""
         with torch.no_grad():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
                 y = self.g_a(x)
                 z = self.h_a(y)
                 means, scales = self.prior(torch.round(z.float()))
@@ -277,7 +275,7 @@ class HyperpriorNetwork(nn.Module):
             layer_of = layers.repeat_interleave(x.shape[0])
             lower, upper = nested_intervals(y_star, self.steps(), layer_of)
             y_hat = means + conditional_mean(lower, upper, scales)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat.contiguous(memory_format=torch.channels_last))
         return x_hat.float(), layer_of
 

@@ -24,7 +24,10 @@ from scipy.special import log_ndtr  # reconstruct() only: it shapes pixels, not 
 
 from . import detmath
 
-SLIVER_NUM, SLIVER_DEN = 3, 10  # slivers < 0.3 step are merged (must match network.SLIVER)
+SLIVER_NUM, SLIVER_DEN = 3, 10  # slivers < 0.3 step are merged (DeepHQ's boundary-aware rule)
+SLIVER = SLIVER_NUM / SLIVER_DEN  # the same rule in floats, as training applies it
+SCALE_MIN, SCALE_MAX = 0.04, 64.0  # the prior's σ range: the coder's table, and training's clamp
+KEY_UNITS_PER_BIT = 16  # coding-order keys are whole 1/16 bits of log2 on both sides
 FINEST_STEP_UNITS = 16  # the finest layer's step in grid units: sets the integer resolution
 MAX_SPLIT = 64  # most sub-intervals one split may produce (bounded by the step ratios)
 # Reconstruction takes the conditional mean under a prior twice as wide as the coded one: the
@@ -38,7 +41,8 @@ RECONSTRUCTION_SPREAD = 2.0
 _LN2 = 0.6931471805599453
 
 
-def scale_table(minimum: float = 0.04, maximum: float = 64.0, levels: int = 96) -> np.ndarray:
+def scale_table(minimum: float = SCALE_MIN, maximum: float = SCALE_MAX,
+                levels: int = 96) -> np.ndarray:
     """Log-spaced prior scales; sigma is snapped to it so both sides use identical values."""
     low, high = detmath.log2(np.float64(minimum)), detmath.log2(np.float64(maximum))
     fraction = np.arange(levels, dtype=np.float64) / (levels - 1)
@@ -212,7 +216,7 @@ def refinement_priority(bounds: np.ndarray, probabilities: np.ndarray, unit: np.
     p = np.maximum(probabilities, 1e-300)
     bits = -detmath.row_sum(probabilities * detmath.log2(p))
     ratio = distortion_drop / np.maximum(bits, 1e-6)
-    key = np.floor(detmath.log2(np.maximum(ratio, 1e-30)) * 16).astype(np.int64)
+    key = np.floor(detmath.log2(np.maximum(ratio, 1e-30)) * KEY_UNITS_PER_BIT).astype(np.int64)
     return key if offset is None else key + offset
 
 

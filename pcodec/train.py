@@ -74,12 +74,18 @@ class TrainConfig:
     # which layers it drew set the gradient (layer losses span 41x); at 8 every step follows
     # the whole ladder's objective for its crops.
     layers_per_crop: int = 1
+    # Each crop also at the finest layer, beside its layers_per_crop − 1 sampled ones (the
+    # ladder stage from a base: the finest layer's quality stays anchored).
+    keep_finest: bool = False
     # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
     # EPYC without AVX-512 (the 2026-12-02 work) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True
     channels_last: bool = True
     compile: bool = False  # torch.compile: 13 % faster steps, minutes of warm-up per run
     threads: int = 2
+    # "cuda": the transforms, entropy models and optimizer on a GPU (bf16 autocast where it has
+    # it); data, checkpoints, evaluation and export stay on the CPU.
+    device: str = "cpu"
     seed: int = 0
     checkpoint_every: int = 200
     eval_every: int = 2000
@@ -221,18 +227,24 @@ def save_atomic(obj, path: Path):
 
 
 def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weights: Path | None,
-          kodak: Path | None, log=sys.stderr):
-    """Train until `steps` total steps; resumes from run_dir/checkpoint.pt when present."""
+          kodak: Path | None, log=sys.stderr, minutes: float | None = None):
+    """Train until `steps` total steps, or for `minutes` of wall time (then checkpoint and
+    return: a chunk of a longer run); resumes from run_dir/checkpoint.pt when present."""
     import torch
 
     from .network import HyperpriorNetwork
     from .transforms import native_bf16
 
     torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device=cuda: this torch sees no CUDA device")
+    chunk_ends = None if minutes is None else time.monotonic() + 60 * minutes
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
     torch.manual_seed(config.seed)  # the same initial weights on every run of a config
-    model = HyperpriorNetwork(network_config(config))
+    # On its device before the optimizer sees it: restored Adam state follows the parameters.
+    model = HyperpriorNetwork(network_config(config)).to(device)
     synthesis_only = config.train_only == "synthesis"
     if config.stage not in ("ladder", "base"):
         raise SystemExit(f"stage={config.stage!r}: 'ladder' or 'base'")
@@ -259,7 +271,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     saved_average = None
 
     def restore():
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        checkpoint = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
         model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, main_params, checkpoint["optimizer"])
         # The saved groups carry the run's old settings; a resume with --set takes the new.
@@ -300,11 +312,12 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             average.load_state_dict(saved_average)
             hold_steps(average.module, config, log)
     forward = torch.compile(model) if config.compile else model
-    autocast = config.autocast and native_bf16()
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
+    autocast = config.autocast and native
     if config.autocast and not autocast:
-        print("this CPU has no native bf16: training in float32", file=log)
+        print(f"this {device.type.upper()} has no native bf16: training in float32", file=log)
     sampler = PatchSampler(data, config.patch, config.seed + state["step"])
-    lambdas_all = torch.tensor(config.lambdas)
+    lambdas_all = torch.tensor(config.lambdas, device=device)
     layer_rng = random.Random(config.seed * 7919 + state["step"])
     log_path = run_dir / "train.log"
 
@@ -313,34 +326,47 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         return {"loss": 0.0, "n": 0, "images": 0, "bpp": zeros.copy(), "mse": zeros.copy(),
                 "count": zeros.copy(), "grad_norm": [], "started": time.perf_counter()}
 
+    def save_checkpoint():
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "aux_optimizer": aux_optimizer.state_dict(), "state": state,
+                     "config": asdict(config),
+                     **({"ema": average.state_dict()} if average is not None else {})},
+                    checkpoint_path)
+
     window = new_window()
     model.train()
     skipped_in_a_row, rollbacks = 0, 0
     while state["step"] < steps:
+        if chunk_ends is not None and time.monotonic() > chunk_ends:
+            save_checkpoint()
+            print(f"chunk of {minutes} minutes done at step {state['step']}: checkpoint saved",
+                  file=log, flush=True)
+            break
         step_start = time.perf_counter()
         lr = rewarmed(learning_rate(config, state["step"]), resumed_rate,
                       state["step"] - resumed_step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        batch = torch.from_numpy(sampler.batch(config.batch)).permute(0, 3, 1, 2).float() / 255
+        batch = torch.from_numpy(sampler.batch(config.batch)).to(device).permute(0, 3, 1, 2)
+        batch = batch.float() / 255
         if config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if synthesis_only:
             layers = torch.tensor(layer_rng.sample(range(1, len(config.lambdas) + 1),
-                                                   config.synthesis_layers))
+                                                   config.synthesis_layers), device=device)
             x_hat, layer_of = model.synthesis_pass(batch, layers, autocast=autocast)
             target = batch.repeat(len(layers), 1, 1, 1)
             mse = ((target - x_hat) ** 2).mean((1, 2, 3))
             loss = torch.log10(mse.clamp(min=1e-10)).mean()
             mse, bpp = mse.detach(), torch.zeros_like(mse)
         elif base_stage:
-            layer_of = torch.full((config.batch,), len(config.lambdas))
+            layer_of = torch.full((config.batch,), len(config.lambdas), device=device)
             x_hat, y_lik, z_lik = model.forward_base(batch, autocast=autocast)
             batch_lambdas = lambdas_all[layer_of - 1]
             loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas)
         else:
             layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
-                                   config.layers_per_crop)
+                                   config.layers_per_crop, config.keep_finest).to(device)
             x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=autocast)
             batch_lambdas = lambdas_all[layer_of - 1]
             loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
@@ -431,11 +457,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                   + " ".join(f"{b:.2f}/{p:.1f}" for b, p in zip(record["bpp"], record["psnr"])),
                   file=log, flush=True)
             state["history"].append(record)
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "aux_optimizer": aux_optimizer.state_dict(), "state": state,
-                         "config": asdict(config),
-                         **({"ema": average.state_dict()} if average is not None else {})},
-                        checkpoint_path)
+            save_checkpoint()
             window = new_window()
         if kodak is not None and state["step"] % config.eval_every == 0:
             # The running weights too: their distance to the average is the case for it.
@@ -445,13 +467,23 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     return model, state
 
 
-def draw_layers(rng: random.Random, layers: int, crops: int, per_crop: int):
-    """The layer of each row of a training step: one random layer per crop (per_crop = 1,
-    every run before the 2026-12-03 work), or `per_crop` layers per crop dealt from shuffled decks of
-    the ladder, so that a step sees each layer once before any twice (2 crops × 4: the whole
-    ladder every step). Row k·crops + b holds crop b, the order network.forward repeats in."""
+def draw_layers(rng: random.Random, layers: int, crops: int, per_crop: int,
+                keep_finest: bool = False):
+    """The layer of each row of a training step: one random layer per crop (per_crop = 1), or
+    `per_crop` layers per crop dealt from shuffled decks of the ladder, so that a step sees
+    each layer once before any twice (2 crops × 4: the whole ladder every step). With
+    `keep_finest`, each crop's first row is the finest layer and the others are dealt from the
+    rest of the ladder (per_crop − 1 of them). Row k·crops + b holds crop b, the order
+    network.forward repeats in."""
     import torch
 
+    if keep_finest:
+        if per_crop < 2:
+            raise SystemExit("keep_finest needs layers_per_crop of at least 2")
+        rest = draw_layers(rng, layers - 1, crops, per_crop - 1) if (layers - 1) % (
+            per_crop - 1) == 0 else torch.tensor([rng.randrange(layers - 1) + 1
+                                                  for _ in range(crops * (per_crop - 1))])
+        return torch.cat([torch.full((crops,), layers), rest])
     if per_crop == 1:
         return torch.tensor([rng.randrange(layers) + 1 for _ in range(crops)])
     if not 1 <= per_crop <= layers or layers % per_crop:
@@ -556,7 +588,8 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
 
     from .models import hyper_latent_table, load_weights_file
 
-    state_dict = {k: compact(v.detach().float().contiguous()) for k, v in model.state_dict().items()}
+    state_dict = {k: compact(v.detach().float().cpu().contiguous())
+                  for k, v in model.state_dict().items()}
     z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
     saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
              "state": json.loads(json.dumps(
@@ -592,7 +625,7 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
 
     from .network import HyperpriorNetwork
 
-    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
     config = config_from_dict(checkpoint["config"])
     model = HyperpriorNetwork(network_config(config))
     # An AveragedModel's state is the module's under "module." plus a step count.
@@ -620,6 +653,10 @@ def main(argv=None):
     parser.add_argument("--export", metavar="MODEL_ID", default=None,
                         help="export the run's checkpoint to models/MODEL_ID.pt (no training)")
     parser.add_argument("--note", default=None, help="free text for the manifest (with --export)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after this many minutes with a checkpoint (a chunk of a run)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="where to train (default: the config's, cpu)")
     parser.add_argument("--measure", action="store_true",
                         help="time training steps for the config variations and exit")
     args = parser.parse_args(argv)
@@ -637,7 +674,10 @@ def main(argv=None):
     for item in args.set:
         key, value = item.split("=", 1)
         config = replace(config, **{key: parse_setting(getattr(config, key), value)})
-    train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak)
+    if args.device:
+        config = replace(config, device=args.device)
+    train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
+          minutes=args.minutes)
 
 
 def parse_setting(current, value: str):

@@ -300,6 +300,9 @@ def test_layers_per_crop_are_dealt_so_a_step_sees_the_whole_ladder():
     assert one_each.shape == (4,) and all(1 <= v <= 8 for v in one_each.tolist())
     with pytest.raises(SystemExit, match="divisor"):
         train.draw_layers(rng, 8, 2, 3)
+    for _ in range(20):  # the finest beside one other, dealt from layers 1..7
+        rows = train.draw_layers(rng, 8, 3, 2, keep_finest=True).tolist()
+        assert rows[:3] == [8, 8, 8] and all(1 <= v <= 7 for v in rows[3:])
 
 
 def test_a_pass_at_several_layers_per_crop_is_those_passes_one_by_one():
@@ -369,3 +372,17 @@ def test_pu_transforms_tile_like_one_pass():
         whole = transforms.synthesis(y)
         pieces = engine.tiled(transforms.synthesis, y, 16, tile=8, margin=transforms.margin)
     assert (whole - pieces).abs().max() < 2e-3
+
+
+def test_a_chunk_of_minutes_ends_with_a_checkpoint_that_the_next_chunk_resumes(photos, tmp_path):
+    config = replace(train.CONFIGS["tiny"], checkpoint_every=1000, threads=1)
+    log = io.StringIO()
+    _, state = train.train(config, photos, tmp_path / "run", 10**6, None, None, log=log,
+                           minutes=0.02)
+    first = state["step"]
+    assert 0 < first < 10**6 and "checkpoint saved" in log.getvalue()
+    _, state = train.train(config, photos, tmp_path / "run", first + 3, None, None)
+    assert state["step"] == first + 3
+    if not torch.cuda.is_available():  # CI has no GPU: asking for one is a clear error
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            train.train(replace(config, device="cuda"), photos, tmp_path / "gpu", 1, None, None)
