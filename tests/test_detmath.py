@@ -5,7 +5,7 @@ import pytest
 from conftest import synthetic_image
 from scipy.special import ndtr
 
-from pcodec import detmath, engine
+from pcodec import coding, detmath, engine
 
 
 def test_exp_log2_and_normal_tail_are_accurate():
@@ -92,20 +92,20 @@ def test_scales_near_a_table_edge_travel_in_the_stream(model, monkeypatch):
     monkeypatch.setattr(quant, "EDGE_MARGIN", 0.02)
     data = engine.encode(model, synthetic_image(64, 96, seed=11))
     expected = _latent(model, data)
-    bands = engine._hyper_synthesis_bands
+    bands = coding._hyper_synthesis_bands
 
-    def other_machine(model, z_hat, band=engine.PRIOR_BAND):
+    def other_machine(model, z_hat, band=coding.PRIOR_BAND):
         for piece in bands(model, z_hat, band):
             piece = piece.copy()
             piece[: len(piece) // 2] *= 1.005
             yield piece
 
-    monkeypatch.setattr(engine, "_hyper_synthesis_bands", other_machine)
+    monkeypatch.setattr(coding, "_hyper_synthesis_bands", other_machine)
     for got, want in zip(_latent(model, data), expected):
         assert np.array_equal(got, want)
     # Without the overrides the same decoder snaps some σ elsewhere and loses the stream.
-    decode_hyper = engine._decode_hyper
-    monkeypatch.setattr(engine, "_decode_hyper", lambda *args: (decode_hyper(*args)[0], None))
+    decode_hyper = coding.decode_hyper
+    monkeypatch.setattr(engine, "decode_hyper", lambda *args: (decode_hyper(*args)[0], None))
     try:
         scales = _latent(model, data)[0]
     except engine.StreamError:

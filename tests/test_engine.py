@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_image
 
-from pcodec import container, engine, quant
+from pcodec import coding, container, engine, quant
 from pcodec.errors import StreamError
 from pcodec.evaluate import layer_points, psnr
 
@@ -114,7 +114,7 @@ def test_banded_prior_snaps_to_the_same_scales_as_one_pass(model):
     scales = np.maximum(np.abs(np.split(whole, 2)[0]), quant.SCALES[0])
     whole_index = quant.scale_indexes(scales.reshape(-1))
     for band in (1, 3, 8):
-        banded = engine.hyper_synthesis_banded(model, z_hat, band)
+        banded = coding.hyper_synthesis_banded(model, z_hat, band)
         assert np.allclose(banded, whole, rtol=1e-10, atol=1e-10)
         scales = np.maximum(np.abs(np.split(banded, 2)[0]), quant.SCALES[0])
         assert np.array_equal(quant.scale_indexes(scales.reshape(-1)), whole_index)
@@ -130,7 +130,7 @@ def test_prior_is_the_same_on_one_and_two_threads(model):
         results = []
         for count in (1, 2):
             torch.set_num_threads(count)
-            results.append(engine._prior(model, z_hat))
+            results.append(coding._prior(model, z_hat))
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(results[0][1], results[1][1])  # the scales the coder uses
@@ -168,8 +168,8 @@ def test_shared_prefix_decoding_equals_one_decode_per_prefix(model, sample_strea
 def test_stream_does_not_depend_on_table_caching(model, monkeypatch):
     image = synthetic_image(64, 96, seed=11)
     cached = engine.encode(model, image)
-    monkeypatch.setattr(engine, "TABLE_CACHE_ELEMENTS", 0)
-    monkeypatch.setattr(engine, "CHUNK", 1 << 15)
+    monkeypatch.setattr(coding, "TABLE_CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(coding, "CHUNK", 1 << 15)
     assert engine.encode(model, image) == cached
     assert (engine.decode(model, cached) == engine.decode(model, cached)).all()
 
@@ -212,7 +212,7 @@ def test_order_offsets_reorder_the_stream_without_changing_its_layers(model):
     assert misread is None or not np.array_equal(misread, engine.decode(model, plain_stream, layers=2))
     header, _ = container.parse_header(boosted_stream)
     _, state = next(engine.decode_latents(boosted, header, [], []))
-    order = engine.plan_layer(boosted, state, 0)
+    order = coding.plan_layer(boosted, state, 0)
     first = state.channel[order[: int((state.channel == 5).sum())]]
     assert (first == 5).all()
 
@@ -233,10 +233,10 @@ def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model,
     source = np.minimum(source, np.arange(count))
     for array in (channel, scale_index, lower, upper):
         array[duplicate] = array[source[duplicate]]
-    state = engine.LatentState(np.zeros((channels, 1, 1), np.float32), scale_index, channel,
+    state = coding.LatentState(np.zeros((channels, 1, 1), np.float32), scale_index, channel,
                                lower, upper, np.ones(count, bool))
     elements = np.arange(count)
-    shared = engine._refinement_tables(model, state, 2, elements)
+    shared = coding._refinement_tables(model, state, 2, elements)
     step = model.int_steps[2][channel]
     counts, stretched = quant.split_counts(lower, upper, step)
     bounds = quant.split_bounds(lower, upper, step, counts, stretched, int(counts.max()))
