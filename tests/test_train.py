@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import synthetic_image
 
-from pcodec import engine, train
+from pcodec import engine, export, recipes, train
 from pcodec.evaluate import psnr
 from pcodec.models import load_weights_file
 
@@ -24,27 +24,27 @@ def photos(tmp_path):
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_its_floor():
-    config = train.CONFIGS["hp128"]
-    rates = [train.learning_rate(config, s) for s in range(0, config.steps + 1, 100)]
+    config = recipes.CONFIGS["hp128"]
+    rates = [recipes.learning_rate(config, s) for s in range(0, config.steps + 1, 100)]
     assert rates[0] < rates[1] < rates[2] == config.lr
-    assert train.learning_rate(config, config.decay_start) == pytest.approx(config.lr)
+    assert recipes.learning_rate(config, config.decay_start) == pytest.approx(config.lr)
     decay = rates[config.decay_start // 100:]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert rates[-1] == pytest.approx(config.lr_final)
 
 
 def test_set_overrides_parse_into_the_field_types():
-    config = train.CONFIGS["hp128"]
-    assert train.parse_setting(config.lambdas, "0.0005,0.0013,0.0067") == (0.0005, 0.0013, 0.0067)
-    assert train.parse_setting(config.lr, "3e-5") == 3e-5
-    assert train.parse_setting(config.steps, "100") == 100
-    assert train.parse_setting(config.compile, "true") is True
-    assert train.parse_setting(config.compile, "0") is False
-    assert train.parse_setting(config.blocks, "1,2,2") == (1, 2, 2)
+    config = recipes.CONFIGS["hp128"]
+    assert recipes.parse_setting(config.lambdas, "0.0005,0.0013,0.0067") == (0.0005, 0.0013, 0.0067)
+    assert recipes.parse_setting(config.lr, "3e-5") == 3e-5
+    assert recipes.parse_setting(config.steps, "100") == 100
+    assert recipes.parse_setting(config.compile, "true") is True
+    assert recipes.parse_setting(config.compile, "0") is False
+    assert recipes.parse_setting(config.blocks, "1,2,2") == (1, 2, 2)
 
 
 def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     run = tmp_path / "run"
     train.train(config, photos, run, 2, None, None)
     first = json.loads((run / "train.log").read_text().splitlines()[-1])
@@ -57,7 +57,7 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     assert [r["step"] for r in state["history"]] == [2, 4]
 
     models = tmp_path / "models"
-    entry = train.export_model(run, "tiny-run", None, "test", models_folder=models,
+    entry = export.export_model(run, "tiny-run", None, "test", models_folder=models,
                                gain_data=photos)
     assert entry["training"]["steps"] == 4
     assert json.loads((models / "manifest.json").read_text())["default"] == "tiny-run"
@@ -70,14 +70,14 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
 
 
 def test_a_resumed_run_climbs_back_to_a_higher_rate_gradually(photos, tmp_path):
-    assert train.rewarmed(1e-4, None, 0) == 1e-4  # a fresh run: the schedule as it is
-    assert train.rewarmed(1e-5, 1e-4, 0) == 1e-5  # lower than before: at once
-    climb = [train.rewarmed(1e-4, 1e-6, s) for s in range(0, train.REWARM_STEPS + 1, 100)]
+    assert recipes.rewarmed(1e-4, None, 0) == 1e-4  # a fresh run: the schedule as it is
+    assert recipes.rewarmed(1e-5, 1e-4, 0) == 1e-5  # lower than before: at once
+    climb = [recipes.rewarmed(1e-4, 1e-6, s) for s in range(0, recipes.REWARM_STEPS + 1, 100)]
     assert climb[0] == pytest.approx(1e-6) and climb[-1] == pytest.approx(1e-4)
     assert all(a < b for a, b in zip(climb, climb[1:]))
     assert climb[5] == pytest.approx(1e-5)  # geometric: halfway in steps, halfway in log
 
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, lr=1e-6,
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, lr=1e-6,
                      decay_start=10**6)
     run = tmp_path / "run"
     train.train(config, photos, run, 202, None, None)  # past the 200-step start-up warm-up
@@ -87,7 +87,7 @@ def test_a_resumed_run_climbs_back_to_a_higher_rate_gradually(photos, tmp_path):
 
 
 def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_path, monkeypatch):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     real_loss = train.rd_loss
     calls = {"n": 0}
 
@@ -132,14 +132,14 @@ def test_training_autocasts_to_bf16_only_where_the_cpu_has_it(photos, tmp_path, 
     monkeypatch.setattr(transforms, "native_bf16", lambda: native)
     monkeypatch.setattr(network.HyperpriorNetwork, "forward", recording_forward)
     log = io.StringIO()
-    train.train(replace(train.CONFIGS["tiny"], threads=1), photos, tmp_path / "run", 2, None,
+    train.train(replace(recipes.CONFIGS["tiny"], threads=1), photos, tmp_path / "run", 2, None,
                 None, log)
     assert seen == [native, native]
     assert ("no native bf16" in log.getvalue()) == (not native)
 
 
 def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path, monkeypatch):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     run = tmp_path / "run"
     train.train(config, photos, run, 2, None, None)
     real_loss = train.rd_loss
@@ -163,7 +163,7 @@ def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path
 
 
 def test_a_moving_average_of_the_weights_resumes_and_is_what_gets_exported(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0.5)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0.5)
     run = tmp_path / "run"
     train.train(config, photos, run, 2, None, None)
     assert torch.load(run / "checkpoint.pt", weights_only=False)["ema"]["n_averaged"] == 2
@@ -171,7 +171,7 @@ def test_a_moving_average_of_the_weights_resumes_and_is_what_gets_exported(photo
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert checkpoint["ema"]["n_averaged"] == 4  # carried over the resume, not restarted
 
-    train.export_checkpoint(run / "checkpoint.pt", tmp_path / "w.pt")
+    export.export_checkpoint(run / "checkpoint.pt", tmp_path / "w.pt")
     exported = torch.load(tmp_path / "w.pt", weights_only=False)["model"]
     averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items()}
     name = "g_s.0.weight"
@@ -196,7 +196,7 @@ def test_training_sees_the_coders_scale_range():
 
 
 def test_an_anchored_finest_step_holds_the_scale_of_y(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=3, threads=1, finest_step=2.5)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=3, threads=1, finest_step=2.5)
     model, _ = train.train(config, photos, tmp_path / "run", 3, None, None)
     log_steps = model.log_steps.detach()
     assert torch.isclose(log_steps[-1].mean(), torch.tensor(np.log(2.5), dtype=log_steps.dtype))
@@ -222,12 +222,12 @@ def test_rescaling_the_latent_leaves_the_codec_unchanged():
 
 def test_large_kernels_are_stored_in_half_precision_and_code_as_before(photos, tmp_path,
                                                                       monkeypatch):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     train.train(config, photos, tmp_path / "run", 2, None, None)
     checkpoint = tmp_path / "run" / "checkpoint.pt"
-    train.export_checkpoint(checkpoint, tmp_path / "full.pt")
-    monkeypatch.setattr(train, "HALF_PRECISION_MIN_ELEMENTS", 2000)  # tiny kernels count too
-    train.export_checkpoint(checkpoint, tmp_path / "half.pt")
+    export.export_checkpoint(checkpoint, tmp_path / "full.pt")
+    monkeypatch.setattr(export, "HALF_PRECISION_MIN_ELEMENTS", 2000)  # tiny kernels count too
+    export.export_checkpoint(checkpoint, tmp_path / "half.pt")
     saved = torch.load(tmp_path / "half.pt", weights_only=True)["model"]
     assert saved["g_s.2.weight"].dtype == torch.float16  # 16 x 16 x 5 x 5
     assert saved["log_steps"].dtype == torch.float32 and saved["g_a.0.weight"].dtype == torch.float32
@@ -257,16 +257,16 @@ def test_training_reconstructs_far_tail_intervals_as_the_decoder_does():
 
 
 def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
     train.train(config, photos, tmp_path / "base", 2, None, None)
     base = tmp_path / "base.pt"
-    train.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
+    export.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
     tuning = replace(config, train_only="synthesis", synthesis_layers=3, lr=1e-2)
     _, state = train.train(tuning, photos, tmp_path / "tuned", 4, base, None)
     assert state["step"] == 4 and state["history"][-1]["loss"] < 0  # log10 MSE of [0, 1] pixels
     assert [r.get("objective") for r in state["history"]] == [None, "synthesis"]
     tuned = tmp_path / "tuned.pt"
-    train.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
+    export.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
 
     before = torch.load(base, weights_only=True)["model"]
     after = torch.load(tuned, weights_only=True)["model"]
@@ -293,15 +293,15 @@ def test_layers_per_crop_are_dealt_so_a_step_sees_the_whole_ladder():
 
     rng = random.Random(3)
     for _ in range(20):
-        rows = train.draw_layers(rng, 8, 2, 4).tolist()  # row k·2 + b holds crop b
+        rows = recipes.draw_layers(rng, 8, 2, 4).tolist()  # row k·2 + b holds crop b
         assert sorted(rows) == list(range(1, 9))
         assert len(set(rows[0::2])) == 4 and len(set(rows[1::2])) == 4
-    one_each = train.draw_layers(rng, 8, 4, 1)
+    one_each = recipes.draw_layers(rng, 8, 4, 1)
     assert one_each.shape == (4,) and all(1 <= v <= 8 for v in one_each.tolist())
     with pytest.raises(SystemExit, match="divisor"):
-        train.draw_layers(rng, 8, 2, 3)
+        recipes.draw_layers(rng, 8, 2, 3)
     for _ in range(20):  # the finest beside one other, dealt from layers 1..7
-        rows = train.draw_layers(rng, 8, 3, 2, keep_finest=True).tolist()
+        rows = recipes.draw_layers(rng, 8, 3, 2, keep_finest=True).tolist()
         assert rows[:3] == [8, 8, 8] and all(1 <= v <= 7 for v in rows[3:])
 
 
@@ -321,7 +321,7 @@ def test_a_pass_at_several_layers_per_crop_is_those_passes_one_by_one():
 
 
 def test_training_at_every_layer_of_each_crop_logs_every_layer(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=2, threads=1, layers_per_crop=8,
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, layers_per_crop=8,
                      batch=1)
     _, state = train.train(config, photos, tmp_path / "run", 2, None, None)
     record = state["history"][-1]
@@ -332,7 +332,7 @@ def test_training_at_every_layer_of_each_crop_logs_every_layer(photos, tmp_path)
 def test_the_two_stages_of_the_pu_design_train_and_code_real_streams(photos, tmp_path):
     """Base stage (single rate, the unit grid) then the ladder from its exported weights; each
     stage's loss falls and its weights code a stream whose quality rises with every layer."""
-    base = replace(train.CONFIGS["tiny"], design="pu", blocks=(1, 1, 2), stage="base",
+    base = replace(recipes.CONFIGS["tiny"], design="pu", blocks=(1, 1, 2), stage="base",
                    checkpoint_every=10, threads=1, lr=1e-3)
     _, state = train.train(base, photos, tmp_path / "base", 30, None, None)
     losses = [r["loss"] for r in state["history"]]
@@ -340,7 +340,7 @@ def test_the_two_stages_of_the_pu_design_train_and_code_real_streams(photos, tmp
     assert all(r["stage"] == "base" and r["bpp"][-1] > 0 and r["bpp"][0] == 0
                for r in state["history"])  # one reconstruction per crop, at the finest λ
     models = tmp_path / "models"
-    train.export_model(tmp_path / "base", "tiny-base", None, "test", models_folder=models)
+    export.export_model(tmp_path / "base", "tiny-base", None, "test", models_folder=models)
     weights = load_weights_file(models / "tiny-base.pt")
     assert weights.config["design"] == "pu" and weights.network.margin >= 8
 
@@ -350,7 +350,7 @@ def test_the_two_stages_of_the_pu_design_train_and_code_real_streams(photos, tmp
                            None, log=log)
     assert "started from weights" in log.getvalue()
     assert "stage" not in state["history"][-1]
-    train.export_model(tmp_path / "ladder", "tiny-ladder", None, "test", models_folder=models)
+    export.export_model(tmp_path / "ladder", "tiny-ladder", None, "test", models_folder=models)
     weights = load_weights_file(models / "tiny-ladder.pt")
     image = synthetic_image(48, 64, 4)
     header, payloads, partial = engine.read_stream(weights, engine.encode(weights, image))
@@ -375,7 +375,7 @@ def test_pu_transforms_tile_like_one_pass():
 
 
 def test_a_chunk_of_minutes_ends_with_a_checkpoint_that_the_next_chunk_resumes(photos, tmp_path):
-    config = replace(train.CONFIGS["tiny"], checkpoint_every=1000, threads=1)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=1000, threads=1)
     log = io.StringIO()
     _, state = train.train(config, photos, tmp_path / "run", 10**6, None, None, log=log,
                            minutes=0.02)

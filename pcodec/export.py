@@ -1,0 +1,173 @@
+"""Weights out of a training run: without optimizer state, large kernels in float16, with
+the integer entropy tables and coding-order offsets the codec needs, a manifest entry that
+records how they were made and what they reach on Kodak, and the learning-curve plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .recipes import TrainConfig, config_from_dict, network_config
+
+
+def save_atomic(obj, path: Path):
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_weights(model, config: TrainConfig, state: dict, path: Path,
+                   gain_data: Path | None = None):
+    """Weights without optimizer state, plus what is needed to know how they were made.
+    With `gain_data` (a folder of photos), also the coding order's per-channel offsets."""
+    import torch
+
+    from .models import hyper_latent_table, load_weights_file
+
+    state_dict = {k: compact(v.detach().float().cpu().contiguous())
+                  for k, v in model.state_dict().items()}
+    z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
+    saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
+             "state": json.loads(json.dumps(
+                 {k: state[k] for k in ("step", "seconds", "images", "history")},
+                 default=float))}
+    save_atomic(saved, path)
+    if gain_data is not None:  # measured through the inference transforms the codec runs
+        from .channel_gain import channel_gains, order_offsets, training_crops
+
+        gains = channel_gains(load_weights_file(path), training_crops(gain_data))
+        saved["order_offsets"] = torch.from_numpy(order_offsets(gains))
+        save_atomic(saved, path)
+
+
+# Convolution kernels this large are stored in float16: a model with M = 320 has 12.6 M
+# parameters, 51 MB in float32, and weights files must stay under 30 MB. Every machine widens
+# the same stored values to float32/float64 the same way, so coding stays bit-exact; a
+# kernel's relative rounding is 2^-11. Small tensors (steps, GDN, biases, the hyper-latent's
+# model) keep float32.
+HALF_PRECISION_MIN_ELEMENTS = 100_000
+
+
+def compact(tensor):
+    if tensor.dim() == 4 and tensor.numel() >= HALF_PRECISION_MIN_ELEMENTS:
+        return tensor.half()
+    return tensor
+
+
+def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None = None):
+    """Weights file from a training checkpoint (drops the optimizer state); the moving
+    average of the weights when the run kept one."""
+    import torch
+
+    from .network import HyperpriorNetwork
+
+    checkpoint = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
+    config = config_from_dict(checkpoint["config"])
+    model = HyperpriorNetwork(network_config(config))
+    # An AveragedModel's state is the module's under "module." plus a step count.
+    average = {k.removeprefix("module."): v for k, v in checkpoint.get("ema", {}).items()
+               if k != "n_averaged"}
+    model.load_state_dict(average or checkpoint["model"])
+    export_weights(model, config, checkpoint["state"], path, gain_data)
+
+
+def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
+                 models_folder: Path | None = None, note: str | None = None,
+                 gain_data: Path | None = None):
+    """Weights without optimizer state → models/ID.pt (with the coding order's channel
+    offsets measured on photos in `gain_data`), Kodak figures from real streams, the
+    manifest entry and the learning-curve plot."""
+    import datetime
+    import hashlib
+
+    from .evaluate import evaluate_weights
+    from .models import models_dir
+
+    folder = models_folder or models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = folder / f"{model_id}.pt"
+    export_checkpoint(run_dir / "checkpoint.pt", weights_path, gain_data)
+    import torch
+
+    saved = torch.load(weights_path, weights_only=True)
+    state, config = saved["state"], saved["config"]
+    history = state["history"]
+    recent = [r["images_per_s"] for r in history[-20:]]
+    entry = {
+        "file": weights_path.name,
+        "sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
+        "bytes": weights_path.stat().st_size,
+        "architecture": f"mean-scale hyperprior N={config['N']} M={config['M']}, "
+                        f"{len(config['lambdas'])}-layer learned nested quantizer",
+        "config": config,
+        "training": {
+            "data": "../shared/data/train (638 natural photos, see its SOURCES.md)",
+            "steps": state["step"], "images_seen": state["images"],
+            "cpu_hours": round(state["seconds"] / 3600, 3),
+            "lambda_ladder": list(config["lambdas"]),
+            "throughput_images_per_s": round(float(np.median(recent)), 2) if recent else None,
+            "machine": f"{os.cpu_count()} CPU cores, no GPU",
+            "command": command,
+        },
+    }
+    if note:
+        entry["training"]["note"] = note
+    if gain_data is not None:
+        entry["coding_order"] = ("keys weighted by each channel's synthesis gain "
+                                 f"(channel_gain.py), measured on photos of {gain_data}")
+    if kodak is not None:
+        entry["kodak"] = {**evaluate_weights(weights_path, kodak, with_midpoint=True),
+                          "measured": datetime.date.today().isoformat(),
+                          "how": "real .pcb files, every layer, RGB PSNR, bpp of whole files"}
+    evals_path = run_dir / "eval.log"
+    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] \
+        if evals_path.exists() else []
+    entry["training"]["kodak_evaluations"] = evals
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    manifest["models"][model_id] = entry
+    manifest["default"] = model_id
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    plot_learning_curve(history, evals, folder / f"{model_id}-learning-curve.png")
+    return entry
+
+
+def plot_learning_curve(history: list[dict], evals: list[dict], path: Path):
+    """Training loss and Kodak PSNR per layer (real streams) against CPU hours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rd = [r for r in history if r.get("objective") != "synthesis"]
+    left.plot([r["hours"] for r in rd], [r["loss"] for r in rd], lw=0.8)
+    tuned = [r["hours"] for r in history if r.get("objective") == "synthesis"]
+    if tuned:  # its loss (log10 MSE) is another quantity: the phase is shown, not plotted
+        left.axvspan(min(tuned), max(tuned), color="C1", alpha=0.2,
+                     label="synthesis fine-tuned alone")
+        left.legend(fontsize=7)
+    left.set_xlabel("CPU hours (2 cores)")
+    left.set_ylabel("training loss (mean λ·255²·MSE + bpp)")
+    left.set_yscale("log")
+    left.grid(alpha=0.3)
+    if evals:
+        for weights, style in (("raw", "-"), ("ema", "--")):
+            chosen = [e for e in evals if e.get("weights", "raw") == weights]
+            for layer in range(len(chosen[-1]["psnr"]) if chosen else 0):
+                right.plot([e["hours"] for e in chosen], [e["psnr"][layer] for e in chosen],
+                           style, marker=".", color=f"C{layer}",
+                           label=f"layer {layer + 1}" + (" (average)" if weights == "ema" else ""))
+        right.legend(fontsize=6, ncol=2)
+    right.set_xlabel("CPU hours (2 cores)")
+    right.set_ylabel("Kodak PSNR (dB), real .pcb files")
+    right.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

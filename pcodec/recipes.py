@@ -1,0 +1,184 @@
+"""Training recipes: each config a documented set of choices (transforms, stage, λ ladder,
+schedule), the two stages a pu model goes through, the learning-rate schedule and how a
+step's crops are dealt to the layers. train.py runs them; export.py writes their weights.
+
+Stage "base" trains one rate, the finest λ (DeepHQ trains its base first); stage "ladder"
+trains every layer of the nested quantizer from those weights (`--init`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+# CompressAI's MSE ladder (quality 1..8), one λ per layer, coarse → fine.
+LAMBDA_LADDER = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.18)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "hp128"
+    N: int = 128
+    M: int = 192
+    design: str = "gdn5"  # transforms.DESIGNS
+    blocks: tuple = (1, 1, 1)  # "pu": residual blocks at 1/4, 1/8, 1/16
+    # "ladder": every crop at a layer of the nested quantizer (the coder's true nested rate).
+    # "base": single-rate at the finest λ, one reconstruction per crop, straight-through
+    # rounding on the unit grid (DeepHQ trains its base first, then the layers); the ladder's
+    # steps start at the unit grid for the finest layer and 1.65x coarser per layer above.
+    stage: str = "ladder"
+    patch: int = 128
+    batch: int = 8
+    # The schedule a run from scratch follows (what the campaign taught, see the manifest):
+    # 5e-4 after a warm-up, then one cosine decay to lr_final over the rest of the steps —
+    # the evaluation moved little at a constant rate and a lot during each decay.
+    steps: int = 30000
+    lr: float = 5e-4
+    lr_final: float = 1e-5
+    decay_start: int = 4000  # step at which the learning rate starts its cosine decay
+    decay_steps: int = 26000
+    aux_lr: float = 1e-3
+    # The step sizes learn this much faster than the weights: at the base rate Adam moves a
+    # log-step by ≈ lr per step, thousands of steps to follow a changed objective.
+    step_lr_scale: float = 10.0
+    clip: float = 1.0
+    # Exponential moving average of the weights (0: off); evaluation and export use it. At
+    # batch 4 the weights wander: on 6 Kodak images, checkpoints 3,400 steps apart at lr 1e-4
+    # measured +8.2 % and +13.5 % BD-rate against -r5, their plain average +4.4 %.
+    ema_decay: float = 0.9995
+    # Mean step of the finest layer, held fixed after every update (0: free). y/c with every
+    # step/c codes the same, so nothing else sets y's scale, and under Adam it grew: the median
+    # prior σ on kodim01 was 11.7 at step 40,000, 24 at 47,000, 62 at 55,500 and 47 again
+    # 2,800 steps after a rescale to 29, past the coder's σ table (≤ 64) each time. Holding
+    # the step scale pins y's (by rescaling y after every update). -r5's finest mean step is
+    # 7.0. Opt-in (--set finest_step=7.0) until a run has shown it stable.
+    finest_step: float = 0.0
+    lambdas: tuple = LAMBDA_LADDER
+    # "synthesis": fine-tune g_s alone from --init weights. The encoder, prior and steps stay
+    # fixed, so every layer of every file keeps its bytes exactly; the loss is the mean over
+    # layers of log MSE (= mean PSNR, what a BD-rate with fixed rates rewards), where the
+    # ladder's λ·MSE gave the finest two layers 75 % of the gradient.
+    train_only: str = ""
+    synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
+    # Distinct layers each crop is trained at per step, through one analysis pass (1: one
+    # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and
+    # which layers it drew set the gradient (layer losses span 41x); at 8 every step follows
+    # the whole ladder's objective for its crops.
+    layers_per_crop: int = 1
+    # Each crop also at the finest layer, beside its layers_per_crop − 1 sampled ones (the
+    # ladder stage from a base: the finest layer's quality stays anchored).
+    keep_finest: bool = False
+    # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
+    # EPYC without AVX-512 (the 2026-12-02 work) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
+    autocast: bool = True
+    channels_last: bool = True
+    compile: bool = False  # torch.compile: 13 % faster steps, minutes of warm-up per run
+    threads: int = 2
+    # "cuda": the transforms, entropy models and optimizer on a GPU (bf16 autocast where it has
+    # it); data, checkpoints, evaluation and export stay on the CPU.
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 2000
+    eval_images: int = 24
+    notes: dict = field(default_factory=dict)
+
+
+# The gdn5 models' ladder since -r5 (ratio 2.6 per layer): its finest λ, twice CompressAI's
+# top quality, is meant for the ≥ 40 dB goal, which needs an M = 320 latent.
+PU_LADDER = (0.00045, 0.00117, 0.00304, 0.00791, 0.02056, 0.05346, 0.139, 0.3614)
+
+
+CONFIGS = {
+    "hp128": TrainConfig(),
+    # Pixel-unshuffle/residual transforms, M = 320; the base stage (continue with
+    # --init base weights --set stage=ladder).
+    "pu320": TrainConfig(name="pu320", M=320, design="pu", blocks=(1, 2, 2), patch=256, batch=8,
+                         stage="base", lambdas=PU_LADDER, steps=12000, lr=3e-4, lr_final=1e-5,
+                         decay_start=9000, decay_steps=3000, ema_decay=0.999,
+                         checkpoint_every=100, eval_every=3000, eval_images=6),
+    # Tiny config for tests and smoke runs.
+    "tiny": TrainConfig(name="tiny", N=16, M=24, patch=64, batch=2, checkpoint_every=5,
+                        eval_every=10**9),
+}
+
+
+def network_config(config: TrainConfig):
+    from .network import NetworkConfig
+
+    layers = len(config.lambdas)
+    if config.design == "gdn5":
+        return NetworkConfig(N=config.N, M=config.M, layers=layers)
+    # The base stage quantizes y − μ on the unit grid: that is the finest layer's step.
+    return NetworkConfig(N=config.N, M=config.M, layers=layers, design=config.design,
+                         blocks=tuple(config.blocks), finest_step=1.0,
+                         coarsest_step=1.65 ** (layers - 1))
+
+
+def config_from_dict(saved: dict) -> TrainConfig:
+    """A TrainConfig from its saved form (tuples come back from JSON/pickle as lists)."""
+    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    for key in ("lambdas", "blocks"):
+        if key in known:
+            known[key] = tuple(known[key])
+    return TrainConfig(**known)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < 200:  # short warm-up: GDN is fragile under a large first step
+        return config.lr * (step + 1) / 200
+    if step < config.decay_start:
+        return config.lr
+    progress = min(1.0, (step - config.decay_start) / config.decay_steps)
+    return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * progress))
+
+
+REWARM_STEPS = 1000
+
+
+def rewarmed(rate: float, resumed_rate: float | None, steps_since_resume: int) -> float:
+    """The rate after a resume: a schedule that asks for more than the run last used climbs
+    to it geometrically over REWARM_STEPS. The 2026-12-02 work resumed a run decayed to 8e-6 at 1e-4
+    directly: non-finite batches 93 steps later and a loss of 5.5 (3.4 before)."""
+    if resumed_rate is None or rate <= resumed_rate or steps_since_resume >= REWARM_STEPS:
+        return rate
+    return resumed_rate * (rate / resumed_rate) ** (steps_since_resume / REWARM_STEPS)
+
+
+def draw_layers(rng: random.Random, layers: int, crops: int, per_crop: int,
+                keep_finest: bool = False):
+    """The layer of each row of a training step: one random layer per crop (per_crop = 1), or
+    `per_crop` layers per crop dealt from shuffled decks of the ladder, so that a step sees
+    each layer once before any twice (2 crops × 4: the whole ladder every step). With
+    `keep_finest`, each crop's first row is the finest layer and the others are dealt from the
+    rest of the ladder (per_crop − 1 of them). Row k·crops + b holds crop b, the order
+    network.forward repeats in."""
+    import torch
+
+    if keep_finest:
+        if per_crop < 2:
+            raise SystemExit("keep_finest needs layers_per_crop of at least 2")
+        rest = draw_layers(rng, layers - 1, crops, per_crop - 1) if (layers - 1) % (
+            per_crop - 1) == 0 else torch.tensor([rng.randrange(layers - 1) + 1
+                                                  for _ in range(crops * (per_crop - 1))])
+        return torch.cat([torch.full((crops,), layers), rest])
+    if per_crop == 1:
+        return torch.tensor([rng.randrange(layers) + 1 for _ in range(crops)])
+    if not 1 <= per_crop <= layers or layers % per_crop:
+        raise SystemExit(f"layers_per_crop={per_crop}: a divisor of the {layers} layers")
+    dealt = []
+    while len(dealt) < crops * per_crop:
+        dealt += rng.sample(range(1, layers + 1), layers)
+    # A divisor of the deck's size: no crop's share straddles two decks, so its layers differ.
+    return torch.tensor([dealt[b * per_crop + k] for k in range(per_crop) for b in range(crops)])
+
+
+def parse_setting(current, value: str):
+    """A --set value in the type of the field it replaces (a tuple: comma-separated)."""
+    if isinstance(current, bool):
+        return value.lower() in {"1", "true", "yes"}
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else float
+        return tuple(kind(item) for item in value.split(","))
+    return type(current)(value)
