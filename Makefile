@@ -51,12 +51,12 @@ test: $(STAMP)  ## run the test suite (what CI runs)
 
 demo: $(RUN_STAMP)  ## encode the bundled sample, decode it at several layers and byte budgets
 	mkdir -p $(DEMO)
-	$(RUN_BIN)/pcodec encode samples/parrots.png -o $(DEMO)/parrots.pcb
+	$(RUN_BIN)/pcodec encode -f samples/parrots.png -o $(DEMO)/parrots.pcb
 	$(RUN_BIN)/pcodec info $(DEMO)/parrots.pcb
-	for k in 1 2 4 8; do $(RUN_BIN)/pcodec decode $(DEMO)/parrots.pcb --layers $$k -o $(DEMO)/parrots.l$$k.png; done
+	for k in 1 2 4 8; do $(RUN_BIN)/pcodec decode -f $(DEMO)/parrots.pcb --layers $$k -o $(DEMO)/parrots.l$$k.png; done
 	for n in 1500 4000 10000; do \
-	  $(RUN_BIN)/pcodec truncate $(DEMO)/parrots.pcb --bytes $$n -o $(DEMO)/parrots.$$n.pcb && \
-	  $(RUN_BIN)/pcodec decode $(DEMO)/parrots.$$n.pcb -o $(DEMO)/parrots.b$$n.png; done
+	  $(RUN_BIN)/pcodec truncate -f $(DEMO)/parrots.pcb --bytes $$n -o $(DEMO)/parrots.$$n.pcb && \
+	  $(RUN_BIN)/pcodec decode -f $(DEMO)/parrots.$$n.pcb -o $(DEMO)/parrots.b$$n.png; done
 	@echo "demo outputs in $(DEMO)/"
 
 bench-tools:  ## install the peer codecs from Debian packages (needs root)
@@ -100,5 +100,5 @@ fuzz: $(STAMP)  ## long decoder fuzz run (100 000 mutated streams)
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check pcodec tests
 
-clean:  ## remove outputs (keeps .venv)
+clean:  ## remove outputs (keeps the virtualenvs)
 	rm -rf $(DEMO) .pytest_cache bench-output bench-cuts-output $(PHOTOS)

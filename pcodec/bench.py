@@ -643,7 +643,7 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
                 paths.append(work / f"batch{index:03d}.pcb")
                 paths[-1].write_bytes(data)
             (work / "batch-out").mkdir()
-            call = pcodec + ["-q", "decode", "-j", "2", "-o", str(work / "batch-out") + "/"]
+            call = pcodec + ["-q", "decode", "-f", "-j", "2", "-o", str(work / "batch-out") + "/"]
             # Medians of 3: one call's start-up varies by a second (the 2026-12-01 work: one run gave
             # 2.9 s per image, a rerun on the same host 0.48 s).
             every = _timed_command(call + [str(p) for p in paths])
@@ -655,9 +655,9 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
         result["cli"] = {
             "help_s": _timed_command(pcodec + ["--help"]),
             "info_s": _timed_command(pcodec + ["info", str(stream_path)]),
-            "truncate_s": _timed_command(pcodec + ["truncate", str(stream_path), "--bytes", "9000",
+            "truncate_s": _timed_command(pcodec + ["truncate", "-f", str(stream_path), "--bytes", "9000",
                                                    "-o", str(work / "cut.pcb")]),
-            "decode_one_file_s": _timed_command(pcodec + ["decode", str(stream_path), "-o",
+            "decode_one_file_s": _timed_command(pcodec + ["decode", "-f", str(stream_path), "-o",
                                                           str(work / "one.png")], repeat=2),
             "import_torch_s": _timed_command([sys.executable, "-c", "import torch"]),
         }
