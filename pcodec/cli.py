@@ -353,12 +353,12 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
             raise UsageError(f"--bpp {bpp}: {max_bytes} bytes for this image, below its smallest "
                              f"valid stream ({smallest} bytes = "
                              f"{8 * smallest / (width * height):.4f} bpp)")
+    coded_layers = layers or model.layers
     if max_bytes is not None:
         data = container.truncate(data, None, max_bytes, width * height)
+        coded_layers = container.parse_header(data, width * height)[0].layers
     write_bytes(out, data, overwrite=force)
-    return _stats(path, out, len(data), width, height,
-                  container.parse_header(data, width * height)[0].layers,
-                  time.perf_counter() - start)
+    return _stats(path, out, len(data), width, height, coded_layers, time.perf_counter() - start)
 
 
 def _check_free(output: str, force: bool):
@@ -423,20 +423,17 @@ def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_p
     if layers is not None and layers > header.layers:
         raise UsageError(f"--layers {layers}: the stream has {header.layers} layers")
     model = models.load(header.model_id, device)
-    pixels, used_header, payloads, partial_flags = engine.decode_detailed(
-        model, data, layers, max_bytes, partial, not midpoint, limit)
-    write_bytes(out, encode_image(pixels, out), overwrite=force)
+    decoded = engine.decode_detailed(model, data, layers, max_bytes, partial, not midpoint, limit)
+    write_bytes(out, encode_image(decoded.pixels, out), overwrite=force)
     wanted = header.layers if layers is None else layers
-    decoded = max(0, len(payloads) - 1)
-    if partial and not quiet and (decoded < wanted or partial_flags[-1:] == [True]) \
-            and max_bytes is None:
-        whole = decoded - (1 if partial_flags[-1:] == [True] else 0)
+    cut_inside = decoded.partial[-1:] == [True]
+    if partial and not quiet and max_bytes is None and (decoded.layers < wanted or cut_inside):
+        whole = decoded.layers - cut_inside
         _say(f"pcodec: warning: {path}: stream cut or damaged: {whole} of {wanted} layers "
-             f"whole{', layer ' + str(decoded) + ' in part' if whole < decoded else ''}")
-    used = len(container.pack_header(used_header)) + sum(len(p) for p in payloads)
-    cut = " (last layer partial)" if any(partial_flags) else ""
-    return _stats(path, out, used, used_header.width, used_header.height, decoded,
-                  time.perf_counter() - start, cut)
+             f"whole{f', layer {decoded.layers} in part' if cut_inside else ''}")
+    return _stats(path, out, decoded.bytes_used, header.width, header.height, decoded.layers,
+                  time.perf_counter() - start, " (last layer partial)" if any(decoded.partial)
+                  else "")
 
 
 @main.command(epilog=EXIT_CODES)

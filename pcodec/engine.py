@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -311,24 +312,42 @@ def read_stream(model: LoadedModel, data: bytes, layers: int | None = None,
     return header, payloads, partial
 
 
+@dataclass
+class Decoded:
+    """An image and the part of the stream it was decoded from."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    header: container.Header
+    payloads: list[bytes]  # the sections used: ẑ, then one per layer
+    partial: list[bool]  # whether each was cut inside
+
+    @property
+    def layers(self) -> int:
+        return max(0, len(self.payloads) - 1)
+
+    @property
+    def bytes_used(self) -> int:
+        return len(container.pack_header(self.header)) + sum(len(p) for p in self.payloads)
+
+
 def decode(model: LoadedModel, data: bytes, layers: int | None = None,
            max_bytes: int | None = None, allow_partial: bool = False,
            conditional_mean: bool = True,
            max_pixels: int = container.DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image from a stream, or from its first `layers` layers / first `max_bytes` bytes."""
     return decode_detailed(model, data, layers, max_bytes, allow_partial, conditional_mean,
-                           max_pixels)[0]
+                           max_pixels).pixels
 
 
 def decode_detailed(model: LoadedModel, data: bytes, layers: int | None = None,
                     max_bytes: int | None = None, allow_partial: bool = False,
                     conditional_mean: bool = True,
-                    max_pixels: int = container.DEFAULT_MAX_PIXELS):
-    """decode(), also returning the header and the sections used (payloads, partial flags)."""
+                    max_pixels: int = container.DEFAULT_MAX_PIXELS) -> Decoded:
+    """decode(), with the header and the sections it used."""
     header, payloads, partial = read_stream(model, data, layers, max_bytes, allow_partial,
                                             max_pixels)
     *_, (_, state) = decode_latents(model, header, payloads, partial)  # the final state
     y_hat = _reconstruct_latent(model, state, conditional_mean)
     del state  # the intervals are done with: ~0.2 GB for a 4K image, freed before synthesis
     pixels = _render(model, y_hat, header.height, header.width)
-    return pixels, header, payloads, partial
+    return Decoded(pixels, header, payloads, partial)
