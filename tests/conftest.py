@@ -22,6 +22,16 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def image_folder(folder: Path, count: int, height: int, width: int) -> Path:
+    """`count` synthetic photos of height x width as PNGs in a new folder."""
+    from PIL import Image
+
+    folder.mkdir()
+    for seed in range(count):
+        Image.fromarray(synthetic_image(height, width, seed)).save(folder / f"{seed}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def model():
     from pcodec import models

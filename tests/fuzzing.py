@@ -91,15 +91,18 @@ def check_case(model, data: bytes, expected_shape) -> str:
     return "/".join(outcomes)
 
 
-def fuzz(model, streams, cases: int, seed: int = 0, report_every: int = 0):
+def fuzz(model, streams, cases: int, seed: int = 0, report_every: int = 0, check=None):
+    """Mutants of `streams` through `check(data, shape, rng)` (default: the engine, strictly
+    and with --partial): outcome counts per mutation kind, and findings with their inputs."""
     rng = random.Random(seed)
+    check = check or (lambda data, shape, _: check_case(model, data, shape))
     counts: dict[str, int] = {}
     findings = []
     for number in range(cases):
         stream, shape = streams[number % len(streams)]
         kind, data = mutate(stream, rng)
         try:
-            outcome = check_case(model, data, shape)
+            outcome = check(data, shape, rng)
         except Exception as error:  # noqa: BLE001 - a finding, recorded with its input
             findings.append((kind, data, f"{type(error).__name__}: {error}"))
             outcome = "FINDING"
@@ -140,22 +143,6 @@ def check_cli_case(folder: Path, data: bytes, rng: random.Random) -> str:
             assert str(source) in result.stderr, f"{command[0]}: {result.stderr!r}"
         codes.append(str(result.exit_code))
     return "/".join(codes)
-
-
-def fuzz_cli(streams, cases: int, folder: Path, seed: int = 0):
-    rng = random.Random(seed)
-    counts: dict[str, int] = {}
-    findings = []
-    for number in range(cases):
-        stream, _ = streams[number % len(streams)]
-        kind, data = mutate(stream, rng)
-        try:
-            outcome = check_cli_case(folder, data, rng)
-        except Exception as error:  # noqa: BLE001 - a finding, recorded with its input
-            findings.append((kind, data, f"{type(error).__name__}: {error}"))
-            outcome = "FINDING"
-        counts[f"{kind}:{outcome}"] = counts.get(f"{kind}:{outcome}", 0) + 1
-    return counts, findings
 
 
 def sample_streams(model):

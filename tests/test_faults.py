@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import SAMPLE, synthetic_image
+from conftest import SAMPLE, image_folder
 from PIL import Image
 
 from pcodec import container
@@ -61,11 +61,7 @@ def whole_stream(path) -> bool:
 
 @pytest.fixture
 def images(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for seed in range(6):
-        Image.fromarray(synthetic_image(512, 768, seed)).save(folder / f"i{seed}.png")
-    return folder
+    return image_folder(tmp_path / "in", 6, 512, 768)
 
 
 @pytest.fixture

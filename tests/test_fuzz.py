@@ -1,7 +1,7 @@
 """A bounded decoder fuzz run on the tiny test model (`make fuzz`: 100 000 cases, shipped model)."""
 
 import pytest
-from fuzzing import check_case, fuzz, fuzz_cli, sample_streams
+from fuzzing import check_case, check_cli_case, fuzz, sample_streams
 from golden import load_test_model
 
 
@@ -39,7 +39,8 @@ def test_fuzzed_streams_through_every_command_exit_by_the_table(tiny, tmp_path, 
     monkeypatch.setenv("PCODEC_MODELS", str(tmp_path))
     models.load.cache_clear()
     try:
-        counts, findings = fuzz_cli(sample_streams(tiny), 10_000, tmp_path, seed=3)
+        counts, findings = fuzz(tiny, sample_streams(tiny), 10_000, seed=3,
+                                check=lambda data, _, rng: check_cli_case(tmp_path, data, rng))
     finally:
         models.load.cache_clear()
     assert not findings, findings[0][2]

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_image
+from conftest import image_folder, synthetic_image
 
 from pcodec import engine, export, recipes, train
 from pcodec.evaluate import psnr
@@ -14,13 +14,7 @@ from pcodec.models import load_weights_file
 
 @pytest.fixture()
 def photos(tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for seed in range(3):
-        Image.fromarray(synthetic_image(80, 96, seed)).save(folder / f"{seed}.png")
-    return folder
+    return image_folder(tmp_path / "photos", 3, 80, 96)
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_its_floor():
