@@ -365,48 +365,46 @@ def evaluate_and_record(model, config, state, kodak, run_dir, log, weights="raw"
         f"{b:.3f}/{p:.2f}" for b, p in zip(result["bpp"], result["psnr"]))), file=log, flush=True)
 
 
+# The candidates of the design table (README "Training"): variations of pu320's base stage.
 THROUGHPUT_OPTIONS = [
-    {}, {"autocast": False}, {"channels_last": False}, {"batch": 16}, {"patch": 256, "batch": 2},
-    {"N": 96, "M": 128}, {"M": 320}, {"compile": True},
+    {"design": "gdn5"}, {"blocks": (1, 1, 1)}, {"blocks": (1, 1, 1), "autocast": False}, {},
+    {"blocks": (2, 2, 2)}, {"blocks": (1, 1, 1), "N": 192},
 ]
 
 
-def measure_throughput(options=THROUGHPUT_OPTIONS, steps: int = 6, log=sys.stderr) -> list[dict]:
-    """Training steps per second for variations of the hp128 config (random data, so only
-    compute is timed): the table behind the choice of config."""
+def measure_throughput(options=THROUGHPUT_OPTIONS, steps: int = 4, log=sys.stderr) -> list[dict]:
+    """Crops per second of full base-stage steps (analysis, prior, entropy models, synthesis,
+    backward, Adam) for variations of the pu320 recipe, on random data so that only compute
+    is timed: median of `steps` after one warm-up step."""
     import torch
 
-    from .network import HyperpriorNetwork, NetworkConfig
+    from .network import HyperpriorNetwork
+    from .transforms import native_bf16
 
-    base = CONFIGS["hp128"]
+    base = CONFIGS["pu320"]
     torch.set_num_threads(base.threads)
     rows = []
     for option in options:
         config = replace(base, **option)
         torch.manual_seed(0)
-        model = HyperpriorNetwork(NetworkConfig(N=config.N, M=config.M))
-        memory = torch.channels_last if config.channels_last else torch.contiguous_format
-        model = model.to(memory_format=memory)
-        forward = torch.compile(model) if config.compile else model
+        model = HyperpriorNetwork(network_config(config)).to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-        lambdas = torch.tensor(config.lambdas)
+        autocast = config.autocast and native_bf16()
+        lambdas = torch.full((config.batch,), config.lambdas[-1])
         times = []
-        for _ in range(steps + 2):
+        for _ in range(steps + 1):
             x = torch.rand(config.batch, 3, config.patch, config.patch).contiguous(
-                memory_format=memory)
-            layer_of = torch.randint(1, len(config.lambdas) + 1, (config.batch,))
+                memory_format=torch.channels_last)
             start = time.perf_counter()
-            x_hat, y_lik, z_lik = forward(x, layer_of, autocast=config.autocast)
-            loss, _, _ = rd_loss(x, x_hat, y_lik, z_lik, lambdas[layer_of - 1])
+            x_hat, y_lik, z_lik = model.forward_base(x, autocast=autocast)
+            loss, _, _ = rd_loss(x, x_hat, y_lik, z_lik, lambdas)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             times.append(time.perf_counter() - start)
-        seconds = float(np.median(times[2:]))
-        row = {"option": option or "hp128 (bf16, channels_last, batch 8, 128²)",
-               "s_per_step": round(seconds, 3),
-               "images_per_s": round(config.batch / seconds, 1),
-               "megapixels_per_s": round(config.batch * config.patch**2 / seconds / 1e6, 3)}
+        seconds = float(np.median(times[1:]))
+        row = {"option": option or "pu320", "numerics": "bf16" if autocast else "float32",
+               "s_per_step": round(seconds, 3), "crops_per_s": round(config.batch / seconds, 1)}
         rows.append(row)
         print(json.dumps(row), file=log, flush=True)
     return rows
