@@ -380,3 +380,12 @@ def test_a_chunk_of_minutes_ends_with_a_checkpoint_that_the_next_chunk_resumes(p
     if not torch.cuda.is_available():  # CI has no GPU: asking for one is a clear error
         with pytest.raises(SystemExit, match="no CUDA device"):
             train.train(replace(config, device="cuda"), photos, tmp_path / "gpu", 1, None, None)
+
+
+def test_the_throughput_table_times_each_candidate():
+    rows = train.measure_throughput([{"N": 16, "M": 24, "patch": 64, "batch": 2},
+                                     {"N": 16, "M": 24, "patch": 64, "batch": 2,
+                                      "design": "gdn5", "autocast": False}],
+                                    steps=1, log=io.StringIO())
+    assert [r["numerics"] for r in rows][1] == "float32"
+    assert all(r["crops_per_s"] > 0 and r["s_per_step"] > 0 for r in rows)
