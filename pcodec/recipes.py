@@ -92,11 +92,12 @@ PU_LADDER = (0.00045, 0.00117, 0.00304, 0.00791, 0.02056, 0.05346, 0.139, 0.3614
 
 CONFIGS = {
     "hp128": TrainConfig(),
-    # Pixel-unshuffle/residual transforms, M = 320: the base stage (then pu320-ladder).
+    # Pixel-unshuffle/residual transforms, M = 320: the base stage (then pu320-ladder). At 3e-4
+    # the base diverged at step ~4,750 (a gradient spike, before spikes were skipped): 2e-4.
     "pu320": TrainConfig(name="pu320", M=320, design="pu", blocks=(1, 2, 2), patch=256, batch=8,
-                         stage="base", lambdas=PU_LADDER, steps=10000, lr=3e-4, lr_final=1e-4,
-                         decay_start=9000, decay_steps=1000, ema_decay=0.999,
-                         checkpoint_every=100, eval_every=2500, eval_images=6),
+                         stage="base", lambdas=PU_LADDER, steps=40000, lr=2e-4, lr_final=1e-5,
+                         decay_start=34000, decay_steps=6000, ema_decay=0.999,
+                         checkpoint_every=100, eval_every=3000, eval_images=6),
     # The ladder stage from pu320's weights (--init): each crop at the finest layer and one
     # other, the steps learning at 10x the base rate from the unit grid up (ratio 1.65).
     "pu320-ladder": TrainConfig(name="pu320-ladder", M=320, design="pu", blocks=(1, 2, 2),

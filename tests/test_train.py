@@ -389,3 +389,20 @@ def test_the_throughput_table_times_each_candidate():
                                     steps=1, log=io.StringIO())
     assert [r["numerics"] for r in rows][1] == "float32"
     assert all(r["crops_per_s"] > 0 and r["s_per_step"] > 0 for r in rows)
+
+
+def test_a_gradient_spike_is_skipped_not_taken(photos, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    plain = train.rd_loss
+
+    def spike_once(*args):
+        calls["n"] += 1
+        loss, bpp, mse = plain(*args)
+        return (loss * 1e6 if calls["n"] == 12 else loss), bpp, mse
+
+    monkeypatch.setattr(train, "rd_loss", spike_once)
+    monkeypatch.setattr(train, "SPIKE_WINDOW", 5)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=20, threads=1)
+    _, state = train.train(config, photos, tmp_path / "run", 20, None, None)
+    assert state["step"] == 20 and calls["n"] == 21  # one batch more than steps: the spike
+    assert state["spikes"] == 1 and state["history"][-1]["bad_batches_skipped"] == 1
