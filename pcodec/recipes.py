@@ -73,7 +73,6 @@ class TrainConfig:
     # EPYC without AVX-512 (the 2026-12-02 work) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True
     channels_last: bool = True
-    compile: bool = False  # torch.compile: 13 % faster steps, minutes of warm-up per run
     threads: int = 2
     # "cuda": the transforms, entropy models and optimizer on a GPU (bf16 autocast where it has
     # it); data, checkpoints, evaluation and export stay on the CPU.

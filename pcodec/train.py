@@ -173,7 +173,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if saved_average is not None:
             average.load_state_dict(saved_average)
             hold_steps(average.module, config, log)
-    forward = torch.compile(model) if config.compile else model
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
     autocast = config.autocast and native
     if config.autocast and not autocast:
@@ -230,7 +229,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         else:
             layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
                                    config.layers_per_crop, config.keep_finest).to(device)
-            x_hat, y_lik, z_lik = forward(batch, layer_of, autocast=autocast)
+            x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast)
             batch_lambdas = lambdas_all[layer_of - 1]
             loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
                                      z_lik, batch_lambdas)

@@ -32,8 +32,8 @@ def test_set_overrides_parse_into_the_field_types():
     assert recipes.parse_setting(config.lambdas, "0.0005,0.0013,0.0067") == (0.0005, 0.0013, 0.0067)
     assert recipes.parse_setting(config.lr, "3e-5") == 3e-5
     assert recipes.parse_setting(config.steps, "100") == 100
-    assert recipes.parse_setting(config.compile, "true") is True
-    assert recipes.parse_setting(config.compile, "0") is False
+    assert recipes.parse_setting(config.autocast, "true") is True
+    assert recipes.parse_setting(config.autocast, "0") is False
     assert recipes.parse_setting(config.blocks, "1,2,2") == (1, 2, 2)
 
 
