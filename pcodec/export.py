@@ -103,7 +103,8 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         "file": weights_path.name,
         "sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "bytes": weights_path.stat().st_size,
-        "architecture": f"mean-scale hyperprior N={config['N']} M={config['M']}, "
+        "architecture": f"mean-scale hyperprior, {config.get('design', 'gdn5')} transforms "
+                        f"N={config['N']} M={config['M']}, "
                         f"{len(config['lambdas'])}-layer learned nested quantizer",
         "config": config,
         "training": {
@@ -112,7 +113,9 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
             "cpu_hours": round(state["seconds"] / 3600, 3),
             "lambda_ladder": list(config["lambdas"]),
             "throughput_images_per_s": round(float(np.median(recent)), 2) if recent else None,
-            "machine": f"{os.cpu_count()} CPU cores, no GPU",
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+            "stage": config.get("stage", "ladder"),
+            "numerics": history[-1].get("numerics") if history else None,
             "command": command,
         },
     }
@@ -136,6 +139,17 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     plot_learning_curve(history, evals, folder / f"{model_id}-learning-curve.png")
     return entry
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux), which says whether bf16 was native."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def plot_learning_curve(history: list[dict], evals: list[dict], path: Path):
