@@ -235,8 +235,9 @@ def _prepare_folder(output: str | None, total: int):
 
 
 def _parallel_jobs(inputs, jobs: int) -> int:
-    """Workers pick output names independently: inputs with the same file stem (a/x.png,
-    b/x.png) or stdin would race for one name, so those batches run in one process."""
+    """Workers name their outputs independently: with inputs of one file stem (a/x.png, b/x.png)
+    or stdin, which of two claims on one name fails would be a race, so those batches run in
+    one process (the second is then always the one told that its output exists)."""
     stems = [Path(path).stem for path in inputs]
     return jobs if STDIO not in inputs and len(set(stems)) == len(stems) else 1
 

@@ -160,7 +160,11 @@ def _claim(temporary: str, target: Path):
         raise
     except OSError:  # a file system without hard links: exclusive create, then rename
         os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except BaseException:
+            target.unlink(missing_ok=True)  # the empty placeholder must not stay either
+            raise
         return
     os.unlink(temporary)
 
