@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__, api, container
-from .errors import PcodecError, RuntimeIOError, UsageError
+from .errors import PcodecError, UsageError
 
 STDIO = "-"
 EXIT_CODES = """\b
@@ -333,13 +333,13 @@ def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, max_pixels, fo
 def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
                 device="cpu", max_bytes=None, bpp=None) -> str:
     from . import engine, models
+    from .imageio import check_free, read_image, write_bytes
     from .imageio import max_pixels as pixel_limit
-    from .imageio import read_image, write_bytes
 
     start = time.perf_counter()
     out = _output_for(path, output, total, ".pcb")
     _check_not_input(path, out)
-    _check_free(out, force)
+    check_free(out, force)
     pixels = read_image(path, pixel_limit(max_pixels),
                         (lambda message: None) if quiet else (lambda m: _say(f"pcodec: warning: {m}")))
     model = models.load(model_id, device)
@@ -360,13 +360,6 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
         coded_layers = container.parse_header(data, width * height)[0].layers
     write_bytes(out, data, overwrite=force)
     return _stats(path, out, len(data), width, height, coded_layers, time.perf_counter() - start)
-
-
-def _check_free(output: str, force: bool):
-    """Fail before the work, not after it, when the output exists (write_bytes checks again
-    atomically: another process may take the name meanwhile)."""
-    if not force and output != STDIO and Path(output).exists():
-        raise RuntimeIOError(f"{output}: exists (-f/--force replaces it)")
 
 
 @main.command(epilog=EXIT_CODES)
@@ -411,13 +404,13 @@ def _decode_suffix(layers, max_bytes) -> str:
 def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_pixels,
                 force, device="cpu", quiet=False) -> str:
     from . import engine, models
-    from .imageio import encode_image, read_bytes, write_bytes
+    from .imageio import check_free, encode_image, read_bytes, write_bytes
     from .imageio import max_pixels as pixel_limit
 
     start = time.perf_counter()
     out = _output_for(path, output, total, _decode_suffix(layers, max_bytes))
     _check_not_input(path, out)
-    _check_free(out, force)
+    check_free(out, force)
     data = read_bytes(path)
     limit = pixel_limit(max_pixels)
     header, _ = container.parse_header(data, limit)
@@ -451,8 +444,8 @@ def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_p
 def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, force, quiet):
     """Cut a .pcb stream to a valid, smaller .pcb stream without re-encoding
     (a filter: stdin to stdout when no file is named)."""
+    from .imageio import check_free, read_bytes, write_bytes
     from .imageio import max_pixels as pixel_limit
-    from .imageio import read_bytes, write_bytes
 
     if layers is None and max_bytes is None:
         raise click.UsageError("give --layers K and/or --bytes N")
@@ -460,7 +453,7 @@ def truncate(obj, input_path, output, layers, max_bytes, partial, max_pixels, fo
 
     def one():
         _check_not_input(input_path, output)
-        _check_free(output, force)
+        check_free(output, force)
         data = read_bytes(input_path)
         header, _ = container.parse_header(data, pixel_limit(max_pixels))
         if layers is not None and layers > header.layers:

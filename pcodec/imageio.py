@@ -125,9 +125,8 @@ def write_bytes(path: str, data: bytes, overwrite: bool = False):
     if path == STDIO:
         write_stdout(data)
         return
+    check_free(path, overwrite)
     target = Path(path)
-    if not overwrite and target.exists():
-        raise RuntimeIOError(f"{path}: exists (-f/--force replaces it)")
     folder = target.parent if str(target.parent) else Path(".")
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
@@ -146,10 +145,21 @@ def write_bytes(path: str, data: bytes, overwrite: bool = False):
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(error, FileExistsError):
-            raise RuntimeIOError(f"{path}: exists (-f/--force replaces it)") from None
+            raise _exists(path) from None
         if isinstance(error, OSError):
             raise RuntimeIOError(f"{path}: cannot write ({_reason(error)})") from None
         raise
+
+
+def check_free(path: str, overwrite: bool = False):
+    """An existing output file is an error unless `overwrite`: checked before the work (and
+    again, atomically, when the finished file takes its name)."""
+    if not overwrite and path != STDIO and Path(path).exists():
+        raise _exists(path)
+
+
+def _exists(path: str) -> RuntimeIOError:
+    return RuntimeIOError(f"{path}: exists (-f/--force replaces it)")
 
 
 def _claim(temporary: str, target: Path):

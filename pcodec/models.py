@@ -40,10 +40,6 @@ def manifest() -> dict:
         raise RuntimeIOError(f"no model manifest at {path} (set PCODEC_MODELS)") from None
 
 
-def default_model_id() -> str:
-    return manifest()["default"]
-
-
 def hyper_latent_table(entropy_bottleneck) -> np.ndarray:
     """Integer frequencies (N, 2*Z_RANGE+1) of each hyper-latent channel, every entry ≥ 1,
     the two end entries holding the tail masses (escape symbols)."""
@@ -115,10 +111,11 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
 def load(model_id: str | None = None, device: str = "cpu") -> LoadedModel:
     """A registered model by id (default: the manifest's default), its transforms on
     `device` ("cpu" or "cuda"; the prior and the coder always run on the CPU)."""
-    entries = manifest()["models"]
-    model_id = model_id or default_model_id()
+    registry = manifest()
+    entries = registry["models"]
+    model_id = model_id or registry["default"]
     if model_id not in entries:
-        retired = manifest().get("retired", {}).get(model_id)
+        retired = registry.get("retired", {}).get(model_id)
         where = f"; {retired}" if retired else ""
         raise ModelError(f"model {model_id!r} is not installed (this pcodec has: "
                          f"{', '.join(sorted(entries))}){where}")

@@ -204,13 +204,9 @@ class HyperpriorNetwork(nn.Module):
         scales, means = params.chunk(2, 1)
         return means, torch.clamp(torch.abs(scales), min=SCALE_MIN, max=SCALE_MAX)
 
-    def forward(self, x: torch.Tensor, layer_of: torch.Tensor, autocast: bool = True):
-        """Training pass. x in [0,1], (B,3,H,W); layer_of (K·B,) in 1..L: row k·B + b is image
-        b at layer layer_of[k·B + b] (K > 1: every image at K layers through one analysis
-        pass, as synthesis_pass does; the outputs have K·B rows).
-
-        Rate and distortion are those of the coder's own nested intervals (see below).
-        """
+    def analyse(self, x: torch.Tensor, autocast: bool = True):
+        """What both training passes start from: y − μ, μ and σ of the prior given the
+        straight-through rounded hyper-latent, and the hyper-latent's likelihoods."""
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             y = self.g_a(x)
             z = self.h_a(y)
@@ -219,7 +215,16 @@ class HyperpriorNetwork(nn.Module):
         z_hat = z + (torch.round(z) - z).detach()  # straight-through rounding
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             means, scales = self.prior(z_hat)
-        y_star = y - means
+        return y - means, means, scales, z_likelihoods
+
+    def forward(self, x: torch.Tensor, layer_of: torch.Tensor, autocast: bool = True):
+        """Training pass. x in [0,1], (B,3,H,W); layer_of (K·B,) in 1..L: row k·B + b is image
+        b at layer layer_of[k·B + b] (K > 1: every image at K layers through one analysis
+        pass, as synthesis_pass does; the outputs have K·B rows).
+
+        Rate and distortion are those of the coder's own nested intervals (see below).
+        """
+        y_star, means, scales, z_likelihoods = self.analyse(x, autocast)
         repeats = len(layer_of) // x.shape[0]
         if repeats > 1:  # every layer's file holds the hyper-latent: its bits count in each
             y_star, means, scales, z_likelihoods = (
@@ -242,15 +247,7 @@ class HyperpriorNetwork(nn.Module):
         to the unit grid, straight-through into the synthesis (one reconstruction per crop);
         the rate from the prior's mass on the unit cell around y − μ plus uniform noise
         ("mixed" quantization, Minnen & Singh 2020). The ladder's steps are not used."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = self.g_a(x)
-            z = self.h_a(y)
-        y, z = y.float(), z.float()
-        _, z_likelihoods = self.entropy_bottleneck(z)
-        z_hat = z + (torch.round(z) - z).detach()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            means, scales = self.prior(z_hat)
-        y_star = y - means
+        y_star, means, scales, z_likelihoods = self.analyse(x, autocast)
         noisy = y_star + torch.empty_like(y_star).uniform_(-0.5, 0.5)
         y_likelihoods = torch.clamp(interval_mass(noisy - 0.5, noisy + 0.5, scales),
                                     min=LIKELIHOOD_MIN)

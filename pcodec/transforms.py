@@ -2,7 +2,8 @@
 inference: coding needs no compressai import (it pulls in torchvision and torch_geometric,
 seconds of start-up), training builds the same layers with compressai's GDN.
 
-Two designs of g_a/g_s (h_a and h_s are the same in both):
+Two designs of g_a/g_s (h_a is the same in both; h_s's hidden layers are M wide for gdn5 and
+N wide for pu):
 - "gdn5": Ballé/Minnen's 5x5 stride-2 convolutions with GDN (every model up to -r6).
 - "pu": a pixel-unshuffle x4 stem, 3x3 convolutions and residual blocks (GELU) at 1/4, 1/8
   and 1/16 of the resolution, pixel-shuffle upsampling in g_s. About the same MACs per pixel

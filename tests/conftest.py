@@ -1,4 +1,5 @@
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,29 +33,44 @@ def image_folder(folder: Path, count: int, height: int, width: int) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def model():
+# Loaded and encoded once for the whole run (cached), shared read-only by the tests.
+@lru_cache(maxsize=1)
+def _default_model():
     from pcodec import models
 
     return models.load()
 
 
-@pytest.fixture(scope="session")
-def sample_image():
+@lru_cache(maxsize=1)
+def _sample_image() -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(SAMPLE).convert("RGB"))
 
 
-@pytest.fixture(scope="session")
-def sample_stream(model, sample_image):
+@lru_cache(maxsize=1)
+def _sample_stream() -> bytes:
     from pcodec import engine
 
-    return engine.encode(model, sample_image)
+    return engine.encode(_default_model(), _sample_image())
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _threads():
+@pytest.fixture()
+def model():
+    return _default_model()
+
+
+@pytest.fixture()
+def sample_image():
+    return _sample_image()
+
+
+@pytest.fixture()
+def sample_stream():
+    return _sample_stream()
+
+
+def pytest_configure(config):
     # The suite runs beside other work on 2 cores; keep torch from oversubscribing them.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch

@@ -26,10 +26,10 @@ def run_pcodec(*args, cwd, stdout=subprocess.PIPE, **options):
 
 
 def start_pcodec(*args, cwd):
-    # A session of its own: its process group holds the parent and every worker.
+    # A process group of its own: it holds the parent and every worker.
     return subprocess.Popen([sys.executable, "-m", "pcodec", *map(str, args)], cwd=cwd, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            process_group=0)
 
 
 def group_alive(pgid: int) -> bool:
