@@ -72,7 +72,7 @@ bench-cuts: $(STAMP)  ## pcodec alone, 120 byte cuts per Kodak stream -> bench-c
 
 bench-speed: $(STAMP)  ## stage times, images/s, start-up and 4K peak memory beside OpenJPEG
 	$(NEED_KODAK)
-	$(BIN)/pcodec bench --speed $(KODAK) -o bench-output
+	$(BIN)/pcodec bench --speed $(KODAK) --limit 24 -o bench-output
 
 bench-nesting: $(STAMP)  ## what the nested quantizer costs vs a plain one, and the transforms' ceiling
 	$(NEED_KODAK)

@@ -83,9 +83,12 @@ class Batch:
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        # The workers' share of the cores: numpy's BLAS and torch read OMP_NUM_THREADS when
+        # they load, which in a spawned worker is after it starts with this environment.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         # spawn, not fork: forking a process that has started torch's threads can hang.
         pool = ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
-                                   initializer=_worker_setup, initargs=(threads, os.getpid()))
+                                   initializer=_worker_setup, initargs=(os.getpid(),))
         futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
         try:
             for future in futures:
@@ -151,9 +154,7 @@ def _remove_temporaries(output: str | None):
 _worker_busy = False  # a worker is running a job (else a signal ends it at once)
 
 
-def _worker_setup(threads: int, parent: int):
-    import torch
-
+def _worker_setup(parent: int):
     try:  # Linux: the kernel sends SIGTERM to this worker when its parent dies, however
         import ctypes
 
@@ -164,7 +165,6 @@ def _worker_setup(threads: int, parent: int):
         os._exit(143)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, _worker_signal)
-    torch.set_num_threads(threads)
 
 
 def _worker_signal(signum, frame):

@@ -10,6 +10,7 @@ refines the most valuable elements first at no side cost.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,6 @@ from .models import Z_RANGE, LoadedModel
 FIRST_LAYER_RANGE = quant.FIRST_LAYER_WINDOW  # layer-1 symbols -R..R; ±R are escapes
 ESCAPE_BITS = 16  # excess of an escape coded as two uniform 16-bit halves
 
-
-def _torch():  # imported on first use: the container and quant tests need no torch
-    import torch
-
-    return torch
 
 CHUNK = 1 << 15  # elements whose probability tables are built at a time (bounds memory)
 TABLE_CACHE_ELEMENTS = 1 << 20  # up to this many elements a layer's tables are built once
@@ -57,35 +53,39 @@ def _channel_offsets(model: LoadedModel, channel: np.ndarray) -> np.ndarray | No
     return None if model.order_offsets is None else model.order_offsets[channel]
 
 
-def _per_scale_and_channel(model: LoadedModel, name: str, build) -> np.ndarray:
-    """A table with one row per (scale level, channel), built once per model by
-    `build(scale_index, channel)` over every pair and kept on the model as `name`."""
-    cached = getattr(model, name, None)
-    if cached is None:
-        levels, channels = len(quant.SCALES), len(model.unit)
-        rows = build(np.repeat(np.arange(levels), channels), np.tile(np.arange(channels), levels))
-        cached = rows.reshape(levels, channels, *rows.shape[1:])
-        setattr(model, name, cached)
-    return cached
+def _per_scale_and_channel(model: LoadedModel, name: str, build, scale_index: np.ndarray,
+                           channel: np.ndarray) -> np.ndarray:
+    """Rows of a table with one row per (scale level, channel) for these pairs. A row is
+    built by `build(scale_index, channel)` the first time a pair is asked for and kept on the
+    model as `name`: an image uses a fraction of the 96 × M pairs, and building every one
+    took 0.08 s of each decode call. Each row depends only on its pair (a test checks it)."""
+    levels, channels = len(quant.SCALES), len(model.unit)
+    pair = scale_index.astype(np.int64) * channels + channel
+    table, built = getattr(model, name, (None, np.zeros(levels * channels, bool)))
+    missing = np.unique(pair[~built[pair]])
+    if len(missing):
+        rows = build(missing // channels, missing % channels)
+        if table is None:
+            table = np.zeros((levels * channels, *rows.shape[1:]), rows.dtype)
+        table[missing] = rows
+        built[missing] = True
+        setattr(model, name, (table, built))
+    return table[pair]
 
 
-def _first_layer_priority_table(model: LoadedModel) -> np.ndarray:
-    """(scale levels, M) layer-1 keys."""
-    return _per_scale_and_channel(model, "_first_layer_keys", lambda scale_index, channel: (
-        quant.first_layer_priority(scale_index, model.int_steps[0][channel], model.unit[channel],
-                                   _channel_offsets(model, channel))))
-
-
-def _first_layer_tables(model: LoadedModel) -> np.ndarray:
-    """(scale levels, M, 2R+1) layer-1 symbol probabilities."""
-    return _per_scale_and_channel(model, "_first_layer_tables", lambda scale_index, channel: (
-        quant.interval_probabilities(quant.first_layer_bounds(model.int_steps[0][channel]),
-                                     quant.SCALES[scale_index] / model.unit[channel])))
+def _first_layer_keys(model: LoadedModel, scale_index: np.ndarray, channel: np.ndarray):
+    """Layer-1 coding-order keys of these (scale, channel) pairs."""
+    return _per_scale_and_channel(model, "_first_layer_keys", lambda scales, channels: (
+        quant.first_layer_priority(scales, model.int_steps[0][channels], model.unit[channels],
+                                   _channel_offsets(model, channels))), scale_index, channel)
 
 
 def _first_layer_rows(model: LoadedModel, state: LatentState, elements: np.ndarray) -> np.ndarray:
-    """The layer-1 table of each of these elements."""
-    return _first_layer_tables(model)[state.scale_index[elements], state.channel[elements]]
+    """The layer-1 table (2R+1 symbol probabilities) of each of these elements."""
+    return _per_scale_and_channel(model, "_first_layer_tables", lambda scales, channels: (
+        quant.interval_probabilities(quant.first_layer_bounds(model.int_steps[0][channels]),
+                                     quant.SCALES[scales] / model.unit[channels])),
+        state.scale_index[elements], state.channel[elements])
 
 
 PRIOR_BAND = 8  # h_s runs on bands of 8 ẑ rows (32 latent rows) ...
@@ -93,23 +93,18 @@ PRIOR_MARGIN = 3  # ... with 3 rows of context each side: more than h_s's reach 
 
 
 def _hyper_synthesis_bands(model: LoadedModel, z_hat: np.ndarray, band: int = PRIOR_BAND):
-    """h_s in float64 over row bands of ẑ, band by band, at a fraction of the memory —
-    float64 convolutions unfold their input, ~1 GB for a 3840x2160 image in one pass. The
-    bands give the one-pass σ to ~1e-13 (MKL picks its kernels by shape and CPU) and the same
-    snapped scales (a test checks it); what the two sides must share is only those, and the
-    scale overrides in the stream cover any σ that close to a table edge.
-
-    On torch's threads: 1.9x faster on 2 cores (0.07 against 0.13 s for 768x512); the same
-    numbers at 1 and 2 threads here (a test checks it)."""
-    torch = _torch()
-    z = torch.from_numpy(z_hat.astype(np.float64))[None]
-    height = z.shape[2]
-    with torch.no_grad():
-        for top in range(0, height, band):
-            bottom = min(height, top + band)
-            t0, t1 = max(0, top - PRIOR_MARGIN), min(height, bottom + PRIOR_MARGIN)
-            piece = model.hyper_synthesis(z[:, :, t0:t1])
-            yield piece[0, :, (top - t0) * 4:(bottom - t0) * 4].numpy()
+    """h_s in float64 (numpy) over row bands of ẑ, band by band, at a fraction of the memory
+    of one pass over a large image. The bands give the one-pass σ to ~1e-13 (BLAS picks its
+    kernels by shape and CPU) and the same snapped scales (a test checks it); what the two
+    sides must share is only those, and the scale overrides in the stream cover any σ that
+    close to a table edge. Yields (2M, rows, w) pieces: scales, then means."""
+    z = z_hat.transpose(1, 2, 0).astype(np.float64)
+    height = z.shape[0]
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        t0, t1 = max(0, top - PRIOR_MARGIN), min(height, bottom + PRIOR_MARGIN)
+        piece = model.hyper_synthesis(z[t0:t1])
+        yield piece[(top - t0) * 4:(bottom - t0) * 4].transpose(2, 0, 1)
 
 
 def hyper_synthesis_banded(model: LoadedModel, z_hat: np.ndarray, band: int = PRIOR_BAND):
@@ -226,8 +221,7 @@ def _decode_excess(decoder: entropy.Decoder, count: int) -> np.ndarray:
 # chunk, and the chunk's intervals updated before the next chunk, so memory stays bounded.
 
 def _first_layer_order(model: LoadedModel, state: LatentState) -> np.ndarray:
-    keys = _first_layer_priority_table(model)[state.scale_index, state.channel]
-    return quant.coding_order(keys)
+    return quant.coding_order(_first_layer_keys(model, state.scale_index, state.channel))
 
 
 def _distinct_rows(channel, scale_index, lower, upper):
@@ -332,10 +326,19 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
     return candidates[order], (bounds, counts, probabilities, row[order])
 
 
+def thread_count() -> int:
+    """Threads for the coder's parallel work: OMP_NUM_THREADS (which numpy's BLAS and torch
+    also follow) if set, else the cores this process may use."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _thread_pool():
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max(1, _torch().get_num_threads()))
+    return ThreadPoolExecutor(thread_count())
 
 
 def _pad_columns(array: np.ndarray, width: int, edge: bool = False) -> np.ndarray:

@@ -84,7 +84,8 @@ def tiled(transform, source, factor: float, tile: int | None = None, margin: int
     on each side, more than the transforms' receptive field, so each tile's centre equals the
     untiled result and memory stays bounded for any image size. `factor` is the transform's
     scale in latents per source unit: 1/16 for the analysis, 16 for the synthesis.
-    `parallel=False` runs the tiles one by one (a GPU does).
+    `parallel=False` runs the tiles one by one, as they are (a GPU does, and numpy, whose
+    BLAS uses the cores inside each tile).
 
     Each tile runs single-threaded and tiles run in parallel on torch's thread count: a
     multi-threaded convolution sums in an order that depends on the thread count, which
@@ -114,14 +115,19 @@ def tiled(transform, source, factor: float, tile: int | None = None, margin: int
     def place(box, piece):  # each tile goes into the output as it arrives: bounded memory
         nonlocal output
         if output is None:
-            output = piece.new_empty((1, piece.shape[1], height * out_per_latent,
-                                      width * out_per_latent))
+            shape = (1, piece.shape[1], height * out_per_latent, width * out_per_latent)
+            output = (np.empty(shape, piece.dtype) if isinstance(piece, np.ndarray)
+                      else piece.new_empty(shape))
         top, left, bottom, right = box
         output[:, :, top * out_per_latent:bottom * out_per_latent,
                left * out_per_latent:right * out_per_latent] = piece
 
+    if not parallel:
+        for box in boxes:
+            place(box, run(box))
+        return output
     with single_threaded() as workers:
-        if len(boxes) == 1 or workers == 1 or not parallel:
+        if len(boxes) == 1 or workers == 1:
             for box in boxes:
                 place(box, run(box))
         else:
@@ -158,8 +164,8 @@ def analyse(model: LoadedModel, image: np.ndarray):
     torch = _torch()
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        y = tiled(model.network.analysis, x, 1 / 16, margin=model.network.margin,
-                  parallel=model.network.on_cpu)
+        y = tiled(model.network.analysis, x, 1 / 16, margin=model.margin,
+                  parallel=model.on_cpu)
         del x
         with single_threaded():  # small, and thread-count independent like the rest
             z = model.network.h_a(y)
@@ -224,13 +230,23 @@ def synthesize(model: LoadedModel, state: LatentState, height: int, width: int,
 
 
 def _render(model: LoadedModel, y_hat: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pixels (height, width, 3) uint8 from the reconstructed latent (M, h, w)."""
-    torch = _torch()
-    with stage("synthesis transform"), torch.no_grad():
-        x = tiled(model.network.synthesis, torch.from_numpy(y_hat)[None], 16,
-                  margin=model.network.margin, parallel=model.network.on_cpu)
-    pixels = x[0].mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # in place: large images
-    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()[:height, :width])
+    """Pixels (height, width, 3) uint8 from the reconstructed latent (M, h, w): numpy on the
+    CPU (no torch), torch where the model was placed on a GPU."""
+    with stage("synthesis transform"):
+        if model.on_cpu:
+            def synthesis(piece):  # (1, M, h, w) → (1, 3, 16h, 16w), channels-last inside
+                return model.synthesis(piece[0].transpose(1, 2, 0)).transpose(2, 0, 1)[None]
+
+            x = tiled(synthesis, y_hat[None], 16, margin=model.margin, parallel=False)[0]
+        else:
+            torch = _torch()
+            with torch.no_grad():
+                x = tiled(model.network.synthesis, torch.from_numpy(y_hat)[None], 16,
+                          margin=model.margin, parallel=False)[0].numpy()
+        x *= 255  # in place: large images
+        x += 0.5
+        pixels = np.clip(x, 0, 255, out=x).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(1, 2, 0)[:height, :width])
 
 
 def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean: bool):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -64,47 +66,76 @@ def hyper_latent_table(entropy_bottleneck) -> np.ndarray:
     return counts
 
 
+def tile_margin(design: str) -> int:
+    """Tiles' context in latents: at least the synthesis's receptive field (gdn5: 4; pu with
+    (1, 2, 2) blocks: 9.25, whose far taps weigh little, so 8)."""
+    return 4 if design == "gdn5" else 8
+
+
 @dataclass
 class LoadedModel:
     model_id: str
     digest: bytes
-    network: object  # transforms.Transforms: g_a, g_s, h_a, h_s in float32
-    hyper_synthesis: object  # float64 copy of network.h_s: the prior must be reproducible
+    state: dict  # the network's state dict, numpy arrays
+    synthesis: object  # inference.Network: g_s in float32, numpy (decoding needs no torch)
+    hyper_synthesis: object  # inference.Network: h_s in float64: the prior must be reproducible
     unit: np.ndarray  # (M,) grid unit per channel
     int_steps: np.ndarray  # (L, M) integer steps
     z_table: np.ndarray  # (N, 2*Z_RANGE+1) integer frequencies
     config: dict
     order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys (weights since r4)
+    _network: object = None
 
     @property
     def layers(self) -> int:
         return self.int_steps.shape[0]
 
+    @property
+    def network(self):
+        """transforms.Transforms in torch (g_a and h_a for encoding; all four), built on
+        first use: only encoding and GPU decoding import torch."""
+        if self._network is None:
+            import torch
+
+            from .transforms import Transforms
+
+            state = {key: torch.from_numpy(value) for key, value in self.state.items()}
+            self._network = Transforms(self.config["N"], self.config["M"], state,
+                                       self.design, tuple(self.config.get("blocks", (1, 1, 1))))
+        return self._network
+
+    @property
+    def design(self) -> str:
+        return self.config.get("design", "gdn5")
+
+    @property
+    def margin(self) -> int:
+        return tile_margin(self.design)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self._network is None or self._network.on_cpu
+
 
 def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
-    import copy
-
-    import torch
-
+    from . import inference, ptfile
     from .quant import integer_steps
-    from .transforms import Transforms
 
     path = Path(path)
     try:
         raw = path.read_bytes()
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        config, state = saved["config"], saved["model"]
-        network = Transforms(config["N"], config["M"], state, config.get("design", "gdn5"),
-                             tuple(config.get("blocks", (1, 1, 1))))
-        z_table = saved["z_table"].numpy()
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        saved = ptfile.load(path)
+        config, state, z_table = saved["config"], saved["model"], saved["z_table"]
+        synthesis = inference.synthesis(state, config.get("design", "gdn5"))
+        hyper_synthesis = inference.hyper_synthesis(state)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as error:
         raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
-    hyper_synthesis = copy.deepcopy(network.h_s).double().requires_grad_(False)
-    unit, int_steps = integer_steps(state["log_steps"].double().numpy())
+    unit, int_steps = integer_steps(state["log_steps"].astype(np.float64))
     offsets = saved.get("order_offsets")  # absent in weights made before the offsets
-    return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), network,
-                       hyper_synthesis, unit, int_steps, z_table, config,
-                       None if offsets is None else offsets.numpy().astype(np.int64))
+    return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), state, synthesis,
+                       hyper_synthesis, unit, int_steps, z_table.astype(np.int64), config,
+                       None if offsets is None else offsets.astype(np.int64))
 
 
 @lru_cache(maxsize=4)
@@ -129,5 +160,5 @@ def load(model_id: str | None = None, device: str = "cpu") -> LoadedModel:
             raise UsageError(f"--device {device}: this torch sees no CUDA device")
     model = load_weights_file(path, model_id)
     if device != "cpu":
-        model.network.place(device)
+        model.network.place(device)  # the synthesis then runs there too, in torch
     return model

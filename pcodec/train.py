@@ -24,6 +24,7 @@ from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_c
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
 SPIKE_WINDOW, SPIKE_FACTOR = 100, 50.0  # a gradient norm 50x the median of the last 100 is bad
 MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
+FRESH_OPTIMIZER_RATE = 0.1  # --init: the rate starts at this fraction of the schedule
 
 
 class PatchSampler:
@@ -159,6 +160,10 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if unexpected:
             print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
         state.update({k: weights["state"][k] for k in ("step", "seconds", "images", "history")})
+        # A fresh Adam's first updates are about the rate itself for every weight at once:
+        # climb to the schedule from a tenth of it, as after a resume.
+        resumed_step = state["step"]
+        resumed_rate = FRESH_OPTIMIZER_RATE * learning_rate(config, state["step"])
         print(f"started from weights {init_weights} (step {state['step']}) with a fresh optimizer",
               file=log)
     hold_steps(model, config, log)

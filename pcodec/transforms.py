@@ -182,9 +182,6 @@ class Transforms(nn.Module):
         self.load_state_dict(converted)
         self.eval()
         self.bf16 = native_bf16()
-        # Tiles' context in latents: at least the synthesis's receptive field (gdn5: 4, pu
-        # with (1, 2, 2) blocks: 9.25; its far taps weigh little, so 8).
-        self.margin = 4 if design == "gdn5" else 8
         self.g_s_body = self.g_s[:-1].to(memory_format=torch.channels_last)
         last = self.g_s[-1]
         self.g_s_last = (last if isinstance(last, ToPixels) else SubPixelDeconv(last)).to(

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from conftest import synthetic_image
@@ -83,6 +85,13 @@ def test_tiled_transforms_match_untiled(model):
         assert torch.allclose(model.network.synthesis(y),
                               tiled(model.network.synthesis, y, 16, tile=6, margin=4), atol=1e-4)
 
+    def synthesis(piece):  # the decoder's numpy g_s, as engine._render runs it
+        return model.synthesis(piece[0].transpose(1, 2, 0)).transpose(2, 0, 1)[None]
+
+    y = y.numpy()
+    assert np.allclose(synthesis(y), tiled(synthesis, y, 16, tile=6, margin=4, parallel=False),
+                       atol=1e-4)
+
 
 def test_transforms_record_no_autograd_graph_in_any_thread(model):
     """Grad mode is per thread, so torch.no_grad() in the caller does not reach the tiles'
@@ -96,21 +105,17 @@ def test_transforms_record_no_autograd_graph_in_any_thread(model):
     x = torch.zeros(1, 3, 64, 64)
     outputs = []
     worker = threading.Thread(target=lambda: outputs.extend(
-        [model.network.synthesis(y), model.network.analysis(x), model.hyper_synthesis(
-            torch.zeros(1, model.network.h_s[0].in_channels, 1, 1, dtype=torch.float64))]))
+        [model.network.synthesis(y), model.network.analysis(x)]))
     worker.start()
     worker.join()
-    assert len(outputs) == 3 and not any(out.requires_grad for out in outputs)
+    assert len(outputs) == 2 and not any(out.requires_grad for out in outputs)
 
 
 def test_banded_prior_snaps_to_the_same_scales_as_one_pass(model):
-    """Bands give the one-pass σ to float64 rounding (MKL picks its kernels by shape and
+    """Bands give the one-pass σ to float64 rounding (BLAS picks its kernels by shape and
     CPU, ~1e-13 apart), and the snapped scale indexes — all the coder uses — are equal."""
-    import torch
-
     z_hat = np.random.default_rng(3).integers(-6, 7, (model.config["N"], 11, 7))
-    with torch.no_grad():
-        whole = model.hyper_synthesis(torch.from_numpy(z_hat.astype(np.float64))[None])[0].numpy()
+    whole = model.hyper_synthesis(z_hat.transpose(1, 2, 0)).transpose(2, 0, 1)
     scales = np.maximum(np.abs(np.split(whole, 2)[0]), quant.SCALES[0])
     whole_index = quant.scale_indexes(scales.reshape(-1))
     for band in (1, 3, 8):
@@ -120,21 +125,23 @@ def test_banded_prior_snaps_to_the_same_scales_as_one_pass(model):
         assert np.array_equal(quant.scale_indexes(scales.reshape(-1)), whole_index)
 
 
-def test_prior_is_the_same_on_one_and_two_threads(model):
-    """h_s runs on torch's threads; both sides must get the same σ whatever their count."""
-    import torch
+def test_prior_is_the_same_on_one_and_two_threads(tmp_path):
+    """h_s runs on numpy's BLAS threads (OMP_NUM_THREADS, read when numpy loads): both sides
+    must get the same σ whatever their count."""
+    import subprocess
+    import sys
 
-    z_hat = np.random.default_rng(5).integers(-6, 7, (model.config["N"], 9, 13))
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(coding._prior(model, z_hat))
-    finally:
-        torch.set_num_threads(threads)
-    assert np.array_equal(results[0][1], results[1][1])  # the scales the coder uses
-    assert np.allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)  # μ: pixels only
+    script = ("import sys, numpy as np; from pcodec import coding, models; m = models.load(); "
+              "z = np.random.default_rng(5).integers(-6, 7, (m.config['N'], 9, 13)); "
+              "mu, index, _ = coding._prior(m, z); np.savez(sys.argv[1], mu=mu, index=index)")
+    results = []
+    for threads in ("1", "2"):
+        path = tmp_path / f"prior{threads}.npz"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": threads})
+        results.append(np.load(path))
+    assert np.array_equal(results[0]["index"], results[1]["index"])  # the scales the coder uses
+    assert np.allclose(results[0]["mu"], results[1]["mu"], rtol=1e-6, atol=1e-6)  # μ: pixels only
 
 
 def test_fast_transforms_match_float32_layers(model):
@@ -244,3 +251,27 @@ def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model,
     assert counts.max() == quant.MAX_SPLIT and stretched.any()
     for mine, theirs in zip(shared, (bounds, counts, probabilities)):
         assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+
+
+def test_first_layer_tables_built_pair_by_pair_equal_one_build_of_every_pair(model):
+    """The layer-1 tables and keys are built for the (scale, channel) pairs an image uses, as
+    it uses them: each row must not depend on which others were built with it."""
+    import copy
+
+    levels, channels = len(quant.SCALES), len(model.unit)
+    every_scale = np.repeat(np.arange(levels), channels)
+    every_channel = np.tile(np.arange(channels), levels)
+    state = coding.LatentState(None, every_scale, every_channel, None, None, None)
+    elements = np.arange(levels * channels)
+    at_once, piecewise = copy.copy(model), copy.copy(model)
+    for fresh in (at_once, piecewise):
+        for name in ("_first_layer_tables", "_first_layer_keys"):
+            fresh.__dict__.pop(name, None)
+    rng = np.random.default_rng(2)
+    for part in np.array_split(rng.permutation(elements), 3):
+        coding._first_layer_rows(piecewise, state, part)
+        coding._first_layer_keys(piecewise, every_scale[part], every_channel[part])
+    assert np.array_equal(coding._first_layer_rows(piecewise, state, elements),
+                          coding._first_layer_rows(at_once, state, elements))
+    assert np.array_equal(coding._first_layer_keys(piecewise, every_scale, every_channel),
+                          coding._first_layer_keys(at_once, every_scale, every_channel))

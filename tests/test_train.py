@@ -336,7 +336,7 @@ def test_the_two_stages_of_the_pu_design_train_and_code_real_streams(photos, tmp
     models = tmp_path / "models"
     export.export_model(tmp_path / "base", "tiny-base", None, "test", models_folder=models)
     weights = load_weights_file(models / "tiny-base.pt")
-    assert weights.config["design"] == "pu" and weights.network.margin >= 8
+    assert weights.config["design"] == "pu" and weights.margin >= 8
 
     ladder = replace(base, stage="ladder")
     log = io.StringIO()
@@ -355,17 +355,20 @@ def test_the_two_stages_of_the_pu_design_train_and_code_real_streams(photos, tmp
 
 def test_pu_transforms_tile_like_one_pass():
     """The pu synthesis's receptive field is wider than gdn5's: its tiles take more context."""
+    from pcodec import inference
+    from pcodec.models import tile_margin
     from pcodec.network import HyperpriorNetwork, NetworkConfig
-    from pcodec.transforms import Transforms
 
     torch.manual_seed(0)
     net = HyperpriorNetwork(NetworkConfig(N=16, M=24, design="pu", blocks=(1, 2, 2)))
-    transforms = Transforms(16, 24, net.state_dict(), "pu", (1, 2, 2))
-    y = torch.randn(1, 24, 20, 28)
-    with torch.no_grad():
-        whole = transforms.synthesis(y)
-        pieces = engine.tiled(transforms.synthesis, y, 16, tile=8, margin=transforms.margin)
-    assert (whole - pieces).abs().max() < 2e-3
+    synthesis = inference.synthesis({k: v.numpy() for k, v in net.state_dict().items()}, "pu")
+
+    def run(piece):  # (1, M, h, w) → (1, 3, 16h, 16w), as engine._render runs it
+        return synthesis(piece[0].transpose(1, 2, 0)).transpose(2, 0, 1)[None]
+
+    y = np.random.default_rng(0).standard_normal((1, 24, 20, 28)).astype(np.float32)
+    pieces = engine.tiled(run, y, 16, tile=8, margin=tile_margin("pu"), parallel=False)
+    assert np.abs(run(y) - pieces).max() < 2e-3
 
 
 def test_a_chunk_of_minutes_ends_with_a_checkpoint_that_the_next_chunk_resumes(photos, tmp_path):
