@@ -19,7 +19,7 @@ NEED_KODAK = @test -d $(KODAK) || { echo "make: no benchmark images in KODAK=$(K
 DEMO   := demo-output
 PHOTOS := photos-output
 
-.PHONY: help install install-run test demo bench bench-cuts bench-tools bench-speed bench-nesting bench-photos train fuzz lint clean
+.PHONY: help install install-run test demo bench bench-cuts bench-tools bench-speed bench-nesting bench-photos train gpu-bundle fuzz lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -73,6 +73,21 @@ bench-cuts: $(STAMP)  ## pcodec alone, 120 byte cuts per Kodak stream -> bench-c
 bench-speed: $(STAMP)  ## stage times, images/s, start-up and 4K peak memory beside OpenJPEG
 	$(NEED_KODAK)
 	$(BIN)/pcodec bench --speed $(KODAK) --limit 24 -o bench-output
+
+# A GPU machine gets a copy of this tree (64 MiB in all, the weights in models/ included) and
+# no network: the wheels its image lacks (CPython 3.12) and the photos packed into GPU_DATA_MB.
+GPU_BUNDLE  := .gpu
+GPU_DATA_MB ?= 18
+GPU_WHEEL = $(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp -d $(GPU_BUNDLE)/wheels
+
+gpu-bundle: $(STAMP)  ## wheels and packed photos for a GPU training chunk -> .gpu/ (docs/pu320.md)
+	rm -rf $(GPU_BUNDLE)
+	$(GPU_WHEEL) --platform manylinux_2_34_x86_64 compressai==1.2.8
+	$(GPU_WHEEL) --platform manylinux_2_17_x86_64 constriction==0.5.0
+	$(BIN)/python -m pcodec.bundle $(TRAIN) $(GPU_BUNDLE)/train --megabytes $(GPU_DATA_MB)
+	@echo "travels: $$(( ($$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + \
+	  $$(du -sb $(GPU_BUNDLE) | cut -f1)) / 1048576 )) MiB of 64"
 
 bench-nesting: $(STAMP)  ## what the nested quantizer costs vs a plain one, and the transforms' ceiling
 	$(NEED_KODAK)

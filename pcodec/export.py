@@ -22,6 +22,11 @@ def save_atomic(obj, path: Path):
     os.replace(tmp, path)
 
 
+# What a weights file keeps of a run's state: enough to resume its schedule (--init) and to
+# say what it cost. gpu_seconds is the part of seconds spent on a GPU.
+STATE_KEYS = ("step", "seconds", "gpu_seconds", "images", "history")
+
+
 def export_weights(model, config: TrainConfig, state: dict, path: Path,
                    gain_data: Path | None = None):
     """Weights without optimizer state, plus what is needed to know how they were made.
@@ -35,7 +40,7 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
     z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
     saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
              "state": json.loads(json.dumps(
-                 {k: state[k] for k in ("step", "seconds", "images", "history")},
+                 {k: state.get(k, 0.0) for k in STATE_KEYS},
                  default=float))}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
@@ -110,7 +115,8 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         "training": {
             "data": "../shared/data/train (638 natural photos, see its SOURCES.md)",
             "steps": state["step"], "images_seen": state["images"],
-            "cpu_hours": round(state["seconds"] / 3600, 3),
+            "cpu_hours": round((state["seconds"] - state.get("gpu_seconds", 0)) / 3600, 3),
+            "gpu_minutes": round(state.get("gpu_seconds", 0) / 60, 1),
             "lambda_ladder": list(config["lambdas"]),
             "throughput_images_per_s": round(float(np.median(recent)), 2) if recent else None,
             "machine": f"{_cpu_name()}, {os.cpu_count()} cores",

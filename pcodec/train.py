@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import export_model, export_weights, save_atomic
+from .export import STATE_KEYS, export_checkpoint, export_model, export_weights, save_atomic
 from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_config, parse_setting, rewarmed
 
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
@@ -130,7 +130,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             [{"params": [p for p in main_params if p is not model.log_steps], "lr_scale": 1.0},
              {"params": [model.log_steps], "lr_scale": config.step_lr_scale}], lr=config.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
-    state = {"step": 0, "seconds": 0.0, "images": 0, "history": []}
+    state = {"step": 0, "seconds": 0.0, "gpu_seconds": 0.0, "images": 0, "history": []}
     saved_average = None
 
     def restore():
@@ -159,7 +159,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             raise SystemExit(f"{init_weights} lacks parameters: {', '.join(missing)}")
         if unexpected:
             print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
-        state.update({k: weights["state"][k] for k in ("step", "seconds", "images", "history")})
+        state.update({k: weights["state"].get(k, 0.0) for k in STATE_KEYS})
         # A fresh Adam's first updates are about the rate itself for every weight at once:
         # climb to the schedule from a tenth of it, as after a resume.
         resumed_step = state["step"]
@@ -296,7 +296,10 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
 
         state["step"] += 1
         state["images"] += len(batch)  # crops, whatever the layers per crop
-        state["seconds"] += time.perf_counter() - step_start
+        step_seconds = time.perf_counter() - step_start
+        state["seconds"] += step_seconds
+        if device.type == "cuda":
+            state["gpu_seconds"] = state.get("gpu_seconds", 0.0) + step_seconds
         # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
         unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
         window["loss"] += float(unweighted)
@@ -318,6 +321,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 **({"objective": "synthesis"} if synthesis_only else {}),
                 **({"stage": "base"} if base_stage else {}),
                 "numerics": "bf16 autocast (transforms)" if autocast else "float32",
+                "device": device.type,
                 "images_per_s": round(window["images"] / elapsed, 2),
                 "bpp": [round(float(v), 4) for v in (window["bpp"] / count)],
                 "psnr": [round(float(v), 2) for v in psnr],
@@ -448,6 +452,9 @@ def main(argv=None):
                         help="stop after this many minutes with a checkpoint (a chunk of a run)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
                         help="where to train (default: the config's, cpu)")
+    parser.add_argument("--weights-out", type=Path, default=None,
+                        help="then write the run's weights (no optimizer state) here, to "
+                             "resume elsewhere with --init")
     parser.add_argument("--measure", action="store_true",
                         help="time training steps for the config variations and exit")
     args = parser.parse_args(argv)
@@ -469,6 +476,8 @@ def main(argv=None):
         config = replace(config, device=args.device)
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
           minutes=args.minutes)
+    if args.weights_out:
+        export_checkpoint(run_dir / "checkpoint.pt", args.weights_out)
 
 
 if __name__ == "__main__":

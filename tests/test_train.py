@@ -385,6 +385,27 @@ def test_a_chunk_of_minutes_ends_with_a_checkpoint_that_the_next_chunk_resumes(p
             train.train(replace(config, device="cuda"), photos, tmp_path / "gpu", 1, None, None)
 
 
+def test_a_gpu_chunk_packs_its_photos_and_hands_its_weights_on(photos, tmp_path):
+    """What `make gpu-bundle` and a GPU chunk do, on the CPU: photos packed into a byte
+    budget, a chunk that writes its weights (no optimizer state), and a run elsewhere that
+    starts from them at their step with a fresh optimizer."""
+    from pcodec.bundle import pack_photos
+
+    count, size = pack_photos(photos, tmp_path / "packed", 10**6, min_side=64)
+    assert count == 3 and size == sum(p.stat().st_size for p in (tmp_path / "packed").iterdir())
+    assert pack_photos(photos, tmp_path / "small", size - 1, min_side=64)[0] == 2
+    assert pack_photos(photos, tmp_path / "none", 10**6, min_side=81)[0] == 0  # 80x96 photos
+    common = ["--config", "tiny", "--data", str(tmp_path / "packed"), "--set", "threads=1"]
+    train.main(common + ["--run-dir", str(tmp_path / "gpu"), "--steps", "4",
+                         "--weights-out", str(tmp_path / "w.pt")])
+    saved = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert "optimizer" not in saved and saved["state"]["step"] == 4
+    log = io.StringIO()
+    _, state = train.train(recipes.CONFIGS["tiny"], tmp_path / "packed", tmp_path / "cpu", 6,
+                           tmp_path / "w.pt", None, log=log)
+    assert state["step"] == 6 and "fresh optimizer" in log.getvalue()
+
+
 def test_the_throughput_table_times_each_candidate():
     rows = train.measure_throughput([{"N": 16, "M": 24, "patch": 64, "batch": 2},
                                      {"N": 16, "M": 24, "patch": 64, "batch": 2,
