@@ -146,25 +146,70 @@ def hyper_synthesis(state: dict) -> Network:
 
 
 def synthesis(state: dict, design: str) -> Network:
-    """g_s in float32: ŷ (h, w, M) → (16h, 16w, 3), pixels in [0, 1] (not clamped)."""
+    """g_s in float32: ŷ (h, w, M) → (16h, 16w, 3), pixels in [0, 1] (not clamped); "pu" and
+    "pux" are read off the state dict's keys."""
     dtype = np.float32
     if design == "gdn5":
         return Network([_deconv(state, "g_s.0", dtype), _inverse_gdn(state, "g_s.1"),
                         _deconv(state, "g_s.2", dtype), _inverse_gdn(state, "g_s.3"),
                         _deconv(state, "g_s.4", dtype), _inverse_gdn(state, "g_s.5"),
                         _deconv(state, "g_s.6", dtype)], dtype)
-    layers, index = [], 0
-    while any(key.startswith(f"g_s.{index}.") for key in state):  # transforms.pu_transforms
-        key = f"g_s.{index}"
+    return Network(_sequence(state, "g_s", dtype)[0], dtype)
+
+
+def _sequence(state: dict, prefix: str, dtype):
+    """The layers of the nn.Sequential at `prefix` in the pu and pux designs
+    (transforms.pu_transforms, pux_transforms), and its output channels."""
+    layers, index, channels = [], 0, None
+    while any(key.startswith(f"{prefix}.{index}.") for key in state):
+        key = f"{prefix}.{index}"
         if key + ".weight" in state:
             layers.append(_conv(state, key, dtype))
+            channels = len(state[key + ".bias"])
         elif key + ".conv1.weight" in state:
             layers.append(_residual(state, key, dtype))
         elif key + ".0.weight" in state:  # upsample: a convolution and a pixel shuffle by 2
             conv = _conv(state, key + ".0", dtype)
             layers.append(lambda x, conv=conv: pixel_shuffle(conv(x), 2))
-        else:  # ToPixels: a convolution and a pixel shuffle by 4
+            channels = len(state[key + ".0.bias"]) // 4
+        elif key + ".conv.weight" in state:  # ToPixels: a convolution and a pixel shuffle by 4
             conv = _conv(state, key + ".conv", dtype)
             layers.append(lambda x, conv=conv: pixel_shuffle(conv(x), 4))
+            channels = len(state[key + ".conv.bias"]) // 16
+        else:  # a pux Stage: its main layers plus the wavelet shortcut beside them
+            main, channels = _sequence(state, key + ".main", dtype)
+            shortcut = _wavelet_up(state, key + ".aux", channels, dtype)
+            layers.append(lambda x, main=Network(main, dtype), shortcut=shortcut:
+                          main(x) + shortcut(x))
         index += 1
-    return Network(layers, dtype)
+    return layers, channels
+
+
+def inverse_haar(x: np.ndarray) -> np.ndarray:
+    """transforms.inverse_haar in channels-last: (H, W, 4C), each channel's LL, LH, HL, HH
+    next to each other → (2H, 2W, C)."""
+    ll, lh, hl, hh = (x[:, :, k::4] for k in range(4))
+    out = np.empty((2 * x.shape[0], 2 * x.shape[1], x.shape[2] // 4), x.dtype)
+    out[0::2, 0::2] = 0.5 * (ll + lh + hl + hh)
+    out[0::2, 1::2] = 0.5 * (ll - lh + hl - hh)
+    out[1::2, 0::2] = 0.5 * (ll + lh - hl - hh)
+    out[1::2, 1::2] = 0.5 * (ll - lh - hl + hh)
+    return out
+
+
+def _wavelet_up(state, key, channels, dtype):
+    """transforms.WaveletShortcut(up=True): projection, scale, inverse Haar to `channels`."""
+    projection = state[key + ".proj.weight"]  # (wide, cin, 1, 1)
+    wide = projection.shape[0]
+    levels = int(round(np.log(wide / channels) / np.log(4)))
+    assert channels * 4 ** levels == wide, (key, wide, channels)
+    # The scale folds into the projection: (x·W)·s = x·(W·s).
+    matrix = np.ascontiguousarray((projection[:, :, 0, 0] * state[key + ".scale"][:, None]).T,
+                                  dtype=dtype)
+
+    def run(x):
+        y = np.matmul(x.reshape(-1, x.shape[-1]), matrix).reshape(*x.shape[:2], wide)
+        for _ in range(levels):
+            y = inverse_haar(y)
+        return y
+    return run

@@ -29,6 +29,7 @@ from .transforms import build_transforms
 # the coder snaps them to 64: real files got worse while the training loss held.
 LIKELIHOOD_MIN = 1e-9
 PU_LATENT_GAIN = 8.0
+SHORTCUT_PENALTY_WEIGHT = 0.1  # AuxT (Li et al., ICLR 2025): ‖WWᵀ − I‖² at weight 0.1
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class HyperpriorNetwork(nn.Module):
         self.entropy_bottleneck = EntropyBottleneck(N)
         ladder = torch.linspace(math.log(config.coarsest_step), math.log(config.finest_step), L)
         self.log_steps = nn.Parameter(ladder.view(L, 1).repeat(1, M))
-        if config.design == "pu":
+        if config.design in ("pu", "pux"):
             # At PyTorch's default initialisation the pu analysis gives y of std ~0.1, almost
             # all of it rounded to 0 on the unit grid, and Adam takes thousands of steps to
             # grow it. Starting with y 8x larger (and the same codec otherwise): 25 % lower
@@ -185,6 +186,14 @@ class HyperpriorNetwork(nn.Module):
 
     def steps(self) -> torch.Tensor:
         return torch.exp(self.log_steps)
+
+    def shortcut_penalty(self) -> torch.Tensor:
+        """AuxT's orthogonality loss on the wavelet shortcuts' projections (pux), weighted
+        as its paper does; 0 for designs without them."""
+        from .transforms import WaveletShortcut
+
+        terms = [m.orthogonality_penalty() for m in self.modules() if isinstance(m, WaveletShortcut)]
+        return SHORTCUT_PENALTY_WEIGHT * sum(terms) if terms else torch.zeros(())
 
     def rescale_latent(self, c: float):
         """y → y/c with every step, μ and σ divided by c: the same codec up to the σ clamps.

@@ -238,6 +238,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             batch_lambdas = lambdas_all[layer_of - 1]
             loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
                                      z_lik, batch_lambdas)
+        if not synthesis_only:
+            loss = loss + model.shortcut_penalty().to(loss.device)
         optimizer.zero_grad(set_to_none=True)
         # A rare bad batch must not poison the weights: skip it when its loss or its gradient
         # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
@@ -388,7 +390,7 @@ def evaluate_and_record(model, config, state, kodak, run_dir, log, weights="raw"
 # The candidates of the design table (README "Training"): variations of pu320's base stage.
 THROUGHPUT_OPTIONS = [
     {"design": "gdn5"}, {"blocks": (1, 1, 1)}, {"blocks": (1, 1, 1), "autocast": False}, {},
-    {"blocks": (2, 2, 2)}, {"blocks": (1, 1, 1), "N": 192},
+    {"design": "pux"}, {"blocks": (2, 2, 2)}, {"blocks": (1, 1, 1), "N": 192},
 ]
 
 

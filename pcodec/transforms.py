@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DESIGNS = ("gdn5", "pu")
+DESIGNS = ("gdn5", "pu", "pux")
 
 
 def conv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.Conv2d:
@@ -69,6 +69,71 @@ def upsample(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(conv(cin, 4 * cout, 3, 1), nn.PixelShuffle(2))
 
 
+# The orthonormal 2x2 Haar filters LL, LH, HL, HH on the pixels (a b / c d) of each block.
+_HAAR = 0.5 * torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, -1.0], [1.0, -1.0]],
+                            [[1.0, 1.0], [-1.0, -1.0]], [[1.0, -1.0], [-1.0, 1.0]]])
+
+
+def _haar_filters(channels: int, like: torch.Tensor) -> torch.Tensor:
+    return _HAAR.to(like.device, like.dtype).repeat(channels, 1, 1).unsqueeze(1)
+
+
+def haar(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal 2x2 Haar analysis: (B, C, H, W) → (B, 4C, H/2, W/2), each channel's LL,
+    LH, HL, HH next to each other; a grouped stride-2 convolution (oneDNN's fast path: as
+    slices and sums it took 40 % of a pux training step)."""
+    return nn.functional.conv2d(x, _haar_filters(x.shape[1], x), stride=2, groups=x.shape[1])
+
+
+def inverse_haar(x: torch.Tensor) -> torch.Tensor:
+    """haar's inverse (its transpose): (B, 4C, H, W) → (B, C, 2H, 2W)."""
+    channels = x.shape[1] // 4
+    return nn.functional.conv_transpose2d(x, _haar_filters(channels, x), stride=2,
+                                          groups=channels)
+
+
+class WaveletShortcut(nn.Module):
+    """AuxT's linear shortcut (Li et al., ICLR 2025) beside a stage that changes resolution
+    by 2^levels: Haar DWT `levels` times (every subband split again), a learned scale per
+    subband channel and a 1x1 projection kept near orthogonal (orthogonality_penalty);
+    `up` mirrors it for the synthesis: projection, scale, inverse DWT."""
+
+    def __init__(self, cin: int, cout: int, levels: int, up: bool = False):
+        super().__init__()
+        self.levels, self.up = levels, up
+        wide = (cout if up else cin) * 4 ** levels
+        self.scale = nn.Parameter(torch.ones(wide))
+        self.proj = nn.Conv2d(cin, wide, 1, bias=False) if up else nn.Conv2d(wide, cout, 1, bias=False)
+        nn.init.orthogonal_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            x = self.proj(x) * self.scale.view(1, -1, 1, 1)
+            for _ in range(self.levels):
+                x = inverse_haar(x)
+            return x
+        for _ in range(self.levels):
+            x = haar(x)
+        return self.proj(x * self.scale.view(1, -1, 1, 1))
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """‖WWᵀ − I‖² over the projection's shorter side."""
+        w = self.proj.weight.flatten(1)
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        return ((gram - torch.eye(len(gram), device=w.device, dtype=w.dtype)) ** 2).sum()
+
+
+class Stage(nn.Module):
+    """A non-linear stage and the linear wavelet shortcut beside it: main(x) + aux(x)."""
+
+    def __init__(self, main: nn.Sequential, aux: WaveletShortcut):
+        super().__init__()
+        self.main, self.aux = main, aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.aux(x)
+
+
 def pu_transforms(N: int, M: int, blocks: tuple[int, int, int]) -> dict[str, nn.Sequential]:
     """g_a, g_s of the "pu" design; `blocks` residual blocks at 1/4, 1/8, 1/16."""
     def stack(count):
@@ -82,6 +147,28 @@ def pu_transforms(N: int, M: int, blocks: tuple[int, int, int]) -> dict[str, nn.
         "g_s": nn.Sequential(
             conv(M, N, 3, 1), *stack(blocks[2]), upsample(N, N),
             *stack(blocks[1]), upsample(N, N), *stack(blocks[0]), ToPixels(N)),
+    }
+
+
+def pux_transforms(N: int, M: int, blocks: tuple[int, int, int]) -> dict[str, nn.Sequential]:
+    """The pu design with an AuxT wavelet shortcut beside each of its three resolution
+    stages (the stem's x4 counts as two Haar levels); the latent's own convolutions stay
+    plain, so y's scale is set by g_a[-1] and g_s[0] as in pu."""
+    def stack(count):
+        return [ResidualBlock(N) for _ in range(count)]
+
+    return {
+        "g_a": nn.Sequential(
+            Stage(nn.Sequential(nn.PixelUnshuffle(4), conv(48, N, 3, 1), *stack(blocks[0])),
+                  WaveletShortcut(3, N, 2)),
+            Stage(nn.Sequential(conv(N, N, 3, 2), *stack(blocks[1])), WaveletShortcut(N, N, 1)),
+            Stage(nn.Sequential(conv(N, N, 3, 2), *stack(blocks[2])), WaveletShortcut(N, N, 1)),
+            conv(N, M, 3, 1)),
+        "g_s": nn.Sequential(
+            conv(M, N, 3, 1),
+            Stage(nn.Sequential(*stack(blocks[2]), upsample(N, N)), WaveletShortcut(N, N, 1, True)),
+            Stage(nn.Sequential(*stack(blocks[1]), upsample(N, N)), WaveletShortcut(N, N, 1, True)),
+            Stage(nn.Sequential(*stack(blocks[0]), ToPixels(N)), WaveletShortcut(N, 3, 2, True))),
     }
 
 
@@ -103,6 +190,8 @@ def build_transforms(N: int, M: int, gdn, design: str = "gdn5",
     }
     if design == "pu":
         return {**pu_transforms(N, M, tuple(blocks)), **hyper}
+    if design == "pux":
+        return {**pux_transforms(N, M, tuple(blocks)), **hyper}
     return {
         "g_a": nn.Sequential(conv(3, N), gdn(N), conv(N, N), gdn(N), conv(N, N), gdn(N), conv(N, M)),
         "g_s": nn.Sequential(
@@ -184,7 +273,7 @@ class Transforms(nn.Module):
         self.bf16 = native_bf16()
         self.g_s_body = self.g_s[:-1].to(memory_format=torch.channels_last)
         last = self.g_s[-1]
-        self.g_s_last = (last if isinstance(last, ToPixels) else SubPixelDeconv(last)).to(
+        self.g_s_last = (last if isinstance(last, (ToPixels, Stage)) else SubPixelDeconv(last)).to(
             memory_format=torch.channels_last)
         self.g_a.to(memory_format=torch.channels_last)
         # Grad mode is per thread: torch.no_grad() in the caller does not reach the tiles'

@@ -63,7 +63,7 @@ def _random_state(design: str, blocks=(1, 2, 1)):
     return state
 
 
-@pytest.mark.parametrize("design", ["gdn5", "pu"])
+@pytest.mark.parametrize("design", ["gdn5", "pu", "pux"])
 def test_numpy_transforms_equal_torch_layers(design):
     from pcodec.transforms import Transforms
 
