@@ -7,7 +7,7 @@
     for size, image in pcodec.decode_prefixes(data, [5000, 20000, len(data)]): ...
 
 Errors are pcodec.errors classes (StreamError for bad streams, UsageError, RuntimeIOError).
-torch loads on the first encode or decode, not on import.
+torch loads on the first encode, not on import; decoding runs on numpy alone.
 """
 
 from __future__ import annotations

@@ -82,12 +82,18 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
     export_weights(model, config, checkpoint["state"], path, gain_data)
 
 
+REFERENCE_CODEC = "JPEG 2000 (OpenJPEG, layered)"
+
+
 def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
                  models_folder: Path | None = None, note: str | None = None,
-                 gain_data: Path | None = None):
+                 gain_data: Path | None = None, reference: Path | None = None):
     """Weights without optimizer state → models/ID.pt (with the coding order's channel
     offsets measured on photos in `gain_data`), Kodak figures from real streams, the
-    manifest entry and the learning-curve plot."""
+    manifest entry and the learning-curve plot. With `reference` (a `pcodec bench` result
+    on the same images holding layered JPEG 2000), also the BD-rate against it, added to the
+    entry's campaign (the points of earlier exports under this id) and plotted against
+    CPU-hours."""
     import datetime
     import hashlib
 
@@ -134,12 +140,28 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         entry["kodak"] = {**evaluate_weights(weights_path, kodak, with_midpoint=True),
                           "measured": datetime.date.today().isoformat(),
                           "how": "real .pcb files, every layer, RGB PSNR, bpp of whole files"}
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    if kodak is not None and reference is not None:
+        from .bench import bd_rate
+
+        curve = json.loads(Path(reference).read_text())["curves"][REFERENCE_CODEC]
+        bd = bd_rate(curve["bpp"], curve["psnr"], entry["kodak"]["bpp"], entry["kodak"]["psnr"])
+        entry["kodak"]["bd_rate_vs_j2k_layered_percent"] = None if bd is None else round(bd, 2)
+        campaign = manifest["models"].get(model_id, {}).get("campaign", [])
+        campaign = [p for p in campaign if p["step"] != state["step"]] + [{
+            "step": state["step"], "cpu_hours": entry["training"]["cpu_hours"],
+            "gpu_minutes": entry["training"]["gpu_minutes"],
+            "stage": entry["training"]["stage"],
+            "bd_rate_vs_j2k_layered_percent": entry["kodak"]["bd_rate_vs_j2k_layered_percent"],
+            "finest_bpp_psnr": [entry["kodak"]["bpp"][-1], entry["kodak"]["psnr"][-1]],
+            "measured": entry["kodak"]["measured"]}]
+        entry["campaign"] = campaign
+        plot_campaign(campaign, model_id, folder / f"{model_id}-campaign.png")
     evals_path = run_dir / "eval.log"
     evals = [json.loads(line) for line in evals_path.read_text().splitlines()] \
         if evals_path.exists() else []
     entry["training"]["kodak_evaluations"] = evals
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
     manifest["models"][model_id] = entry
     manifest["default"] = model_id
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -156,6 +178,33 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+def plot_campaign(campaign: list[dict], model_id: str, path: Path):
+    """BD-rate against layered JPEG 2000 (all Kodak images, real files) per CPU-hour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((p for p in campaign if p["bd_rate_vs_j2k_layered_percent"] is not None),
+                    key=lambda p: p["cpu_hours"])
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([p["cpu_hours"] for p in points],
+              [p["bd_rate_vs_j2k_layered_percent"] for p in points], marker="o")
+    for p in points:
+        axes.annotate(f"{p['step']:,} ({p['stage']})", (p["cpu_hours"], p["bd_rate_vs_j2k_layered_percent"]),
+                      fontsize=7, textcoords="offset points", xytext=(4, 4))
+    axes.axhline(-10, color="C2", ls="--", lw=0.8, label="goal: −10 %")
+    axes.axhline(0, color="gray", lw=0.8)
+    axes.set_xlabel("CPU hours (2 cores)")
+    axes.set_ylabel("BD-rate vs layered JPEG 2000 (%)")
+    axes.set_title(model_id, fontsize=9)
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def plot_learning_curve(history: list[dict], evals: list[dict], path: Path):

@@ -450,6 +450,9 @@ def main(argv=None):
     parser.add_argument("--export", metavar="MODEL_ID", default=None,
                         help="export the run's checkpoint to models/MODEL_ID.pt (no training)")
     parser.add_argument("--note", default=None, help="free text for the manifest (with --export)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="with --export and --kodak: a `pcodec bench` result holding layered "
+                             "JPEG 2000 on the same images, for the BD-rate and its campaign plot")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop after this many minutes with a checkpoint (a chunk of a run)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
@@ -468,7 +471,7 @@ def main(argv=None):
     if args.export:
         entry = export_model(run_dir, args.export, args.kodak, "pcodec train --config "
                              f"{config.name} --data {args.data} --kodak {args.kodak}",
-                             note=args.note, gain_data=args.data)
+                             note=args.note, gain_data=args.data, reference=args.reference)
         print(json.dumps(entry.get("kodak", {})), file=sys.stderr)
         return
     for item in args.set:

@@ -452,3 +452,21 @@ def test_a_gradient_spike_is_skipped_not_taken(photos, tmp_path, monkeypatch):
     _, state = train.train(config, photos, tmp_path / "run", 20, None, None)
     assert state["step"] == 20 and calls["n"] == 21  # one batch more than steps: the spike
     assert state["spikes"] == 1 and state["history"][-1]["bad_batches_skipped"] == 1
+
+
+def test_an_export_against_a_reference_adds_its_point_to_the_campaign(photos, tmp_path):
+    """--export with --kodak and --reference: the BD-rate against layered JPEG 2000, one
+    campaign point per exported step (kept across exports under the same id) and its plot."""
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    reference = tmp_path / "bench.json"
+    reference.write_text(json.dumps({"curves": {export.REFERENCE_CODEC: {
+        "bpp": [0.01, 0.05, 0.2, 1.0, 3.0, 8.0], "psnr": [1.0, 5.0, 10.0, 20.0, 30.0, 40.0]}}}))
+    models = tmp_path / "models"
+    for steps in (2, 4):
+        train.train(config, photos, tmp_path / "run", steps, None, None)
+        entry = export.export_model(tmp_path / "run", "tiny-c", photos, "test",
+                                    models_folder=models, reference=reference)
+    assert [p["step"] for p in entry["campaign"]] == [2, 4]
+    bd = entry["kodak"]["bd_rate_vs_j2k_layered_percent"]
+    assert isinstance(bd, float) and entry["campaign"][-1]["bd_rate_vs_j2k_layered_percent"] == bd
+    assert (models / "tiny-c-campaign.png").stat().st_size > 0
