@@ -149,10 +149,11 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         bd = bd_rate(curve["bpp"], curve["psnr"], entry["kodak"]["bpp"], entry["kodak"]["psnr"])
         entry["kodak"]["bd_rate_vs_j2k_layered_percent"] = None if bd is None else round(bd, 2)
         campaign = manifest["models"].get(model_id, {}).get("campaign", [])
-        campaign = [p for p in campaign if p["step"] != state["step"]] + [{
+        stage = entry["training"]["stage"]
+        campaign = [p for p in campaign if (p["stage"], p["step"]) != (stage, state["step"])] + [{
             "step": state["step"], "cpu_hours": entry["training"]["cpu_hours"],
             "gpu_minutes": entry["training"]["gpu_minutes"],
-            "stage": entry["training"]["stage"],
+            "stage": stage,
             "bd_rate_vs_j2k_layered_percent": entry["kodak"]["bd_rate_vs_j2k_layered_percent"],
             "finest_bpp_psnr": [entry["kodak"]["bpp"][-1], entry["kodak"]["psnr"][-1]],
             "measured": entry["kodak"]["measured"]}]
@@ -193,7 +194,9 @@ def plot_campaign(campaign: list[dict], model_id: str, path: Path):
     axes.plot([p["cpu_hours"] for p in points],
               [p["bd_rate_vs_j2k_layered_percent"] for p in points], marker="o")
     for p in points:
-        axes.annotate(f"{p['step']:,} ({p['stage']})", (p["cpu_hours"], p["bd_rate_vs_j2k_layered_percent"]),
+        gpu = f", +{p['gpu_minutes']:.0f} GPU min" if p["gpu_minutes"] else ""
+        axes.annotate(f"{p['step']:,} ({p['stage']}{gpu})",
+                      (p["cpu_hours"], p["bd_rate_vs_j2k_layered_percent"]),
                       fontsize=7, textcoords="offset points", xytext=(4, 4))
     axes.axhline(-10, color="C2", ls="--", lw=0.8, label="goal: −10 %")
     axes.axhline(0, color="gray", lw=0.8)

@@ -97,8 +97,9 @@ CONFIGS = {
                          stage="base", lambdas=PU_LADDER, steps=40000, lr=2e-4, lr_final=1e-5,
                          decay_start=34000, decay_steps=6000, ema_decay=0.999,
                          checkpoint_every=100, eval_every=3000, eval_images=6),
-    # The ladder stage from pu320's weights (--init): each crop at the finest layer and one
-    # other, the steps learning at 10x the base rate from the unit grid up (ratio 1.65).
+    # The ladder stage from pu320's weights (--init; a new stage counts its steps from 0):
+    # each crop at the finest layer and one other, the steps learning at 10x the base rate
+    # from the unit grid up (ratio 1.65).
     "pu320-ladder": TrainConfig(name="pu320-ladder", M=320, design="pu", blocks=(1, 2, 2),
                                 patch=256, batch=4, stage="ladder", layers_per_crop=2,
                                 keep_finest=True, lambdas=PU_LADDER, steps=16000, lr=1e-4,

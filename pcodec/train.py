@@ -160,6 +160,10 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if unexpected:
             print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
         state.update({k: weights["state"].get(k, 0.0) for k in STATE_KEYS})
+        if weights["config"].get("stage", "ladder") != config.stage:
+            # A new stage runs its own schedule from step 0; hours, crops and the history
+            # (each record names its stage) go on counting.
+            state["step"] = 0
         # A fresh Adam's first updates are about the rate itself for every weight at once:
         # climb to the schedule from a tenth of it, as after a resume.
         resumed_step = state["step"]

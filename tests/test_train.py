@@ -345,6 +345,8 @@ def test_the_two_stages_of_the_pu_designs_train_and_code_real_streams(photos, tm
                            None, log=log)
     assert "started from weights" in log.getvalue()
     assert "stage" not in state["history"][-1]
+    # A new stage runs its own schedule from step 0; the base's records stay in the history.
+    assert state["step"] == 60 and any(r.get("stage") == "base" for r in state["history"])
     export.export_model(tmp_path / "ladder", "tiny-ladder", None, "test", models_folder=models)
     weights = load_weights_file(models / "tiny-ladder.pt")
     image = synthetic_image(48, 64, 4)
