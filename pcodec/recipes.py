@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # CompressAI's MSE ladder (quality 1..8), one λ per layer, coarse → fine.
 LAMBDA_LADDER = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.18)
@@ -110,6 +110,10 @@ CONFIGS = {
     "tiny": TrainConfig(name="tiny", N=16, M=24, patch=64, batch=2, checkpoint_every=5,
                         eval_every=10**9),
 }
+# The same two stages with AuxT-style wavelet shortcuts beside each stage of the transforms
+# (design "pux"), the pilot's choice (docs/pu320.md).
+CONFIGS["pux320"] = replace(CONFIGS["pu320"], name="pux320", design="pux")
+CONFIGS["pux320-ladder"] = replace(CONFIGS["pu320-ladder"], name="pux320-ladder", design="pux")
 
 
 def network_config(config: TrainConfig):

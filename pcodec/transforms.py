@@ -2,15 +2,19 @@
 inference: coding needs no compressai import (it pulls in torchvision and torch_geometric,
 seconds of start-up), training builds the same layers with compressai's GDN.
 
-Two designs of g_a/g_s (h_a is the same in both; h_s's hidden layers are M wide for gdn5 and
-N wide for pu):
+Three designs of g_a/g_s (h_a is the same in all; h_s's hidden layers are M wide for gdn5 and
+N wide for the others):
 - "gdn5": Ballé/Minnen's 5x5 stride-2 convolutions with GDN (every model up to -r6).
 - "pu": a pixel-unshuffle x4 stem, 3x3 convolutions and residual blocks (GELU) at 1/4, 1/8
   and 1/16 of the resolution, pixel-shuffle upsampling in g_s. About the same MACs per pixel
   as gdn5 at N=128 but 2-4x faster on CPU (3x3 convolutions on channels-last are oneDNN's
   fast path, 5x5 stride-2 and GDN are not) and much faster again in bf16 on AMX.
   Every stage keeps a linear path (the residual identity, the strided or shuffled linear
-  convolution), the shortcut that AuxT-style designs add beside non-linear stages.
+  convolution).
+- "pux": pu with AuxT's wavelet shortcut (Li et al., ICLR 2025) beside each of its three
+  resolution stages: a Haar DWT, a learned per-subband scale and a near-orthogonal 1x1
+  projection, added to the stage's output. About 2x pu's training progress per CPU-hour in
+  a one-hour pilot, though a step costs 1.4x (docs/pu320.md).
 
 Inference runs channels-last (oneDNN's fast path). The synthesis runs in bfloat16 where the
 CPU has native bf16 (as training did), except its last layer: that output is the image

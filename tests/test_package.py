@@ -25,6 +25,7 @@ def test_a_built_wheel_carries_the_default_model_and_codes_without_compressai(tm
     default = manifest["models"][manifest["default"]]["file"]
     assert "pcodec/weights/manifest.json" in names and f"pcodec/weights/{default}" in names
     assert not [n for n in names if n.endswith(".png")]  # learning curves stay in the tree
+    assert not [n for n in names if "in-training" in n]  # so do weights still in training
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # compressai and torchvision made unimportable: coding must not need them.
