@@ -235,17 +235,13 @@ class SubPixelDeconv(nn.Module):
 
     def __init__(self, deconv: nn.ConvTranspose2d):
         super().__init__()
-        cin, cout, kernel, _ = deconv.weight.shape
+        from .inference import subpixel_weight
+
+        kernel = deconv.weight.shape[2]
         assert kernel == 5 and deconv.stride == (2, 2) and deconv.padding == (2, 2)
-        weight = deconv.weight.new_zeros(cout * 4, cin, 3, 3)
-        # out[2r + a] = sum over i = r + d of x[i] * w[a + 2 - 2d], for d in -1..1.
-        for a in range(2):
-            for b in range(2):
-                for du in (-1, 0, 1):
-                    for dv in (-1, 0, 1):
-                        ku, kv = a + 2 - 2 * du, b + 2 - 2 * dv
-                        if 0 <= ku < 5 and 0 <= kv < 5:
-                            weight[a * 2 + b::4, :, du + 1, dv + 1] = deconv.weight[:, :, ku, kv].T
+        # The numpy decoder's rewrite, (3, 3, Cin, 4·Cout), in torch's (4·Cout, Cin, 3, 3).
+        rewritten = subpixel_weight(deconv.weight.detach().cpu().double().numpy(), "float32")
+        weight = torch.from_numpy(rewritten.transpose(3, 2, 0, 1).copy()).to(deconv.weight)
         self.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
         self.bias = nn.Parameter(deconv.bias.repeat_interleave(4))
 
