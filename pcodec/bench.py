@@ -661,7 +661,7 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
                                                           str(work / "one.png")], repeat=2),
             "import_torch_s": _timed_command([sys.executable, "-c", "import torch"]),
         }
-        result["loop"] = _shell_loops(pcodec, files, streams, work)
+        result["loop"] = _shell_loops(pcodec, images, streams, work)
         # OpenJPEG on the same images, about the same rate as pcodec's full streams.
         if shutil.which("opj_decompress"):
             times = []
@@ -688,7 +688,8 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
     return result
 
 
-def _shell_loops(pcodec: list[str], files: list[Path], streams: list[bytes], work: Path) -> dict:
+def _shell_loops(pcodec: list[str], images: list[np.ndarray], streams: list[bytes],
+                 work: Path) -> dict:
     """`for f in *.pcb; do pcodec decode "$f" -o "${f%.pcb}.ppm"; done` and the same loop
     of encode calls, one process per file as a shell script runs them, beside opj_decompress
     and opj_compress on JPEG 2000 files of about the same rate. Every loop writes PPM, so no
@@ -698,13 +699,12 @@ def _shell_loops(pcodec: list[str], files: list[Path], streams: list[bytes], wor
     loops = work / "loops"
     loops.mkdir()
     sources, pcbs, j2ks = [], [], []
-    for index, (path, data) in enumerate(zip(files, streams)):
+    for index, (image, data) in enumerate(zip(images, streams)):
         sources.append(loops / f"{index:03d}.ppm")
-        Image.fromarray(_read_any(path)).save(sources[-1])
+        Image.fromarray(image).save(sources[-1])
         pcbs.append(loops / f"{index:03d}.pcb")
         pcbs[-1].write_bytes(data)
-        image = Image.open(sources[-1])
-        bpp = 8 * len(data) / (image.width * image.height)
+        bpp = 8 * len(data) / (image.shape[0] * image.shape[1])
         j2ks.append(loops / f"{index:03d}.j2k")
         if shutil.which("opj_compress"):
             _run(["opj_compress", "-i", str(sources[-1]), "-o", str(j2ks[-1]),
@@ -716,7 +716,7 @@ def _shell_loops(pcodec: list[str], files: list[Path], streams: list[bytes], wor
             subprocess.run(command, check=True, capture_output=True)
         return time.perf_counter() - start
 
-    result = {"files": len(files),
+    result = {"files": len(images),
               "pcodec_decode_s": loop([pcodec + ["decode", "-f", str(p), "-o",
                                                  str(p.with_suffix(".out.ppm"))] for p in pcbs]),
               "pcodec_encode_s": loop([pcodec + ["encode", "-f", str(s), "-o",
