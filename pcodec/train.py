@@ -24,6 +24,15 @@ from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_c
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
 SPIKE_WINDOW, SPIKE_FACTOR = 100, 50.0  # a gradient norm 50x the median of the last 100 is bad
 MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
+# A rollback halves the rate: the pux320 base run at 2e-4, back at its step-7,600 checkpoint,
+# diverged again within 10 steps on other batches three times (Adam moved g_s.1's weights
+# 0.7 % a step), and went on at 1e-4 from the same state.
+ROLLBACK_RATE_FACTOR = 0.5
+# A log window whose mean loss is this many times the median of the stage's last records is
+# a run diverging before it turns non-finite (that run: 30.6, then 3,687 forty steps on);
+# it rolls back without saving a checkpoint. Only over windows of enough crops: a few crops
+# at random layers swing the mean loss by 5x.
+LOSS_CLIMB_FACTOR, LOSS_CLIMB_RECORDS, LOSS_CLIMB_MIN_CROPS = 2.0, 5, 400
 FRESH_OPTIMIZER_RATE = 0.1  # --init: the rate starts at this fraction of the schedule
 
 
@@ -148,7 +157,9 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         state, saved_average = restore()
         resumed_step = state["step"]
         resumed_rate = state["history"][-1]["lr"] if state["history"] else None
-        print(f"resumed {checkpoint_path} at step {state['step']}", file=log)
+        print(f"resumed {checkpoint_path} at step {state['step']}"
+              + (f", rate ×{state['rate_factor']:g} after rollbacks" if "rate_factor" in state
+                 else ""), file=log)
     elif init_weights is not None:
         weights = torch.load(init_weights, weights_only=False)
         init_state = weights["model"]
@@ -207,6 +218,30 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     model.train()
     skipped_in_a_row, rollbacks = 0, 0
     recent_norms = collections.deque(maxlen=SPIKE_WINDOW)
+
+    def roll_back(reason: str):
+        """Back to the last checkpoint, on other batches, at a lower rate; or stop."""
+        nonlocal state, saved_average, layer_rng, skipped_in_a_row, window, rollbacks
+        if rollbacks == MAX_ROLLBACKS or not checkpoint_path.exists():
+            raise SystemExit(f"training diverged: {reason}; resume from the checkpoint, "
+                             f"perhaps with a lower --set lr=")
+        # Unattended runs (the 2026-12-02 work's stopped at 61,772; a rerun of the same
+        # batches went past it): back to the last checkpoint, on other batches.
+        rollbacks += 1
+        skipped, factor = state.get("skipped", 0), state.get("rate_factor", 1.0)
+        state, saved_average = restore()
+        state["skipped"] = skipped
+        state["rate_factor"] = factor * ROLLBACK_RATE_FACTOR
+        if average is not None and saved_average is not None:
+            average.load_state_dict(saved_average)
+        state["rollbacks"] = state.get("rollbacks", 0) + 1
+        sampler.reseed([config.seed, state["step"], state["rollbacks"]])
+        layer_rng = random.Random(f"{config.seed} {state['step']} {state['rollbacks']}")
+        skipped_in_a_row = 0
+        window = new_window()
+        print(f"{reason}: back to the checkpoint at step {state['step']}, other batches, rate "
+              f"×{state['rate_factor']:g} (rollback {rollbacks} of {MAX_ROLLBACKS})",
+              file=log, flush=True)
     while state["step"] < steps:
         if chunk_ends is not None and time.monotonic() > chunk_ends:
             save_checkpoint()
@@ -215,7 +250,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             break
         step_start = time.perf_counter()
         lr = rewarmed(learning_rate(config, state["step"]), resumed_rate,
-                      state["step"] - resumed_step)
+                      state["step"] - resumed_step) * state.get("rate_factor", 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         batch = torch.from_numpy(sampler.batch(config.batch)).to(device).permute(0, 3, 1, 2)
@@ -267,26 +302,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             skipped_in_a_row += 1
             if skipped_in_a_row < MAX_SKIPS_IN_A_ROW:
                 continue
-            if rollbacks == MAX_ROLLBACKS or not checkpoint_path.exists():
-                raise SystemExit(f"training diverged: {skipped_in_a_row} bad batches in a "
-                                 f"row at step {state['step']}; resume from the checkpoint, "
-                                 f"perhaps with a lower --set lr=")
-            # Unattended runs (the 2026-12-02 work's stopped at 61,772; a rerun of the same batches went
-            # past it): back to the last checkpoint, on other batches.
-            rollbacks += 1
-            diverged_at, skipped = state["step"], state["skipped"]
-            state, saved_average = restore()
-            state["skipped"] = skipped
-            if average is not None and saved_average is not None:
-                average.load_state_dict(saved_average)
-            state["rollbacks"] = state.get("rollbacks", 0) + 1
-            sampler.reseed([config.seed, state["step"], state["rollbacks"]])
-            layer_rng = random.Random(f"{config.seed} {state['step']} {state['rollbacks']}")
-            skipped_in_a_row = 0
-            window = new_window()
-            print(f"{MAX_SKIPS_IN_A_ROW} non-finite batches in a row at step {diverged_at}: back "
-                  f"to the checkpoint at step {state['step']}, other batches "
-                  f"(rollback {rollbacks} of {MAX_ROLLBACKS})", file=log, flush=True)
+            roll_back(f"{MAX_SKIPS_IN_A_ROW} non-finite batches in a row at step {state['step']}")
             continue
         skipped_in_a_row = 0
         optimizer.step()
@@ -336,6 +352,16 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                                          round(max(window["grad_norm"]), 4)],
                 "bad_batches_skipped": state.get("skipped", 0),
             }
+            earlier = [r["loss"] for r in state["history"]
+                       if (r.get("stage"), r.get("objective")) == (record.get("stage"),
+                                                                   record.get("objective"))]
+            earlier = earlier[-LOSS_CLIMB_RECORDS:]
+            if (not synthesis_only and window["images"] >= LOSS_CLIMB_MIN_CROPS
+                    and len(earlier) == LOSS_CLIMB_RECORDS
+                    and record["loss"] > LOSS_CLIMB_FACTOR * float(np.median(earlier))):
+                roll_back(f"loss {record['loss']:.4g} at step {state['step']} against "
+                          f"{float(np.median(earlier)):.4g} before")
+                continue
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"step {record['step']} | {record['images_per_s']} img/s | loss "

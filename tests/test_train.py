@@ -154,6 +154,36 @@ def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path
     assert state["skipped"] == train.MAX_SKIPS_IN_A_ROW
     assert calls["n"] == 1 + train.MAX_SKIPS_IN_A_ROW + 2  # steps 3 and 4 done again
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+    # the rate that diverged is not tried again: steps 3 and 4 ran at half of it
+    assert state["rate_factor"] == train.ROLLBACK_RATE_FACTOR
+    rates = {record["step"]: record["lr"] for record in state["history"]}
+    expected = recipes.rewarmed(recipes.learning_rate(config, 3), rates[2], 1)
+    assert rates[4] == pytest.approx(train.ROLLBACK_RATE_FACTOR * expected)
+
+
+def test_a_climbing_loss_rolls_back_before_it_is_saved(photos, tmp_path, monkeypatch):
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
+    run = tmp_path / "run"
+    records = train.LOSS_CLIMB_RECORDS
+    # the tiny model's two-crop windows swing by 5x: only a climb of 10⁶ bpp counts here
+    monkeypatch.setattr(train, "LOSS_CLIMB_MIN_CROPS", 0)
+    monkeypatch.setattr(train, "LOSS_CLIMB_FACTOR", 100.0)
+    train.train(config, photos, run, 2 * records, None, None)
+    real_loss = train.rd_loss
+    calls = {"n": 0}
+
+    def climbing_rate(*args):  # the next window's two steps report 10⁶ bpp more
+        loss, bpp, mse = real_loss(*args)
+        calls["n"] += 1
+        return loss, bpp + (1e6 if calls["n"] <= 2 else 0.0), mse
+
+    monkeypatch.setattr(train, "rd_loss", climbing_rate)
+    log = io.StringIO()
+    _, state = train.train(config, photos, run, 2 * records + 2, None, None, log)
+    assert f"back to the checkpoint at step {2 * records}" in log.getvalue()
+    assert state["rollbacks"] == 1 and state["rate_factor"] == train.ROLLBACK_RATE_FACTOR
+    assert max(record["loss"] for record in state["history"]) < 1e5  # never recorded
+    assert calls["n"] == 4
 
 
 def test_a_moving_average_of_the_weights_resumes_and_is_what_gets_exported(photos, tmp_path):
