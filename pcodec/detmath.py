@@ -21,7 +21,7 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e00
 _EXP_TERMS = 14  # Taylor terms for |r| <= ln(2)/2: the last one is below 1e-17
 _LOG2_E = 1.44269504088896338700e00
-_SQRT_HALF = 0.70710678118654757
+SQRT_HALF = 0.70710678118654757
 
 
 def exp(x) -> np.ndarray:
@@ -42,7 +42,7 @@ def log2(x) -> np.ndarray:
     """log2 of positive float64 arrays (x <= 0 gives -inf)."""
     x = np.asarray(x, dtype=np.float64)
     mantissa, exponent = np.frexp(np.where(x > 0, x, 1.0))
-    low = mantissa < _SQRT_HALF  # bring the mantissa into [sqrt(1/2), sqrt(2))
+    low = mantissa < SQRT_HALF  # bring the mantissa into [sqrt(1/2), sqrt(2))
     mantissa = np.where(low, mantissa * 2.0, mantissa)
     exponent = exponent - low
     s = (mantissa - 1.0) / (mantissa + 1.0)  # ln m = 2 atanh(s), |s| <= 0.1716
@@ -54,19 +54,19 @@ def log2(x) -> np.ndarray:
     return np.where(x > 0, exponent + ln_mantissa * _LOG2_E, -np.inf)
 
 
-_ERFC_COEFFICIENTS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
+ERFC_COEFFICIENTS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
                       0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 
 
 def normal_tail(x) -> np.ndarray:
     """Φ(-|x|), the standard normal mass beyond |x|, with relative error ~1e-7 out to
     |x| ≈ 38 (where it underflows): erfc(|x|/√2) / 2 after Numerical Recipes' erfcc."""
-    z = np.abs(np.asarray(x, dtype=np.float64)) * _SQRT_HALF
+    z = np.abs(np.asarray(x, dtype=np.float64)) * SQRT_HALF
     t = 1.0 / (1.0 + 0.5 * z)
     poly = np.zeros_like(t)
-    for c in _ERFC_COEFFICIENTS[:0:-1]:
+    for c in ERFC_COEFFICIENTS[:0:-1]:
         poly = (poly + c) * t
-    poly = poly + _ERFC_COEFFICIENTS[0]
+    poly = poly + ERFC_COEFFICIENTS[0]
     return 0.5 * t * exp(-z * z + poly)
 
 

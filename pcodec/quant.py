@@ -20,7 +20,6 @@ both sides build identical tables on any machine. No torch here.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import log_ndtr  # reconstruct() only: it shapes pixels, not the stream
 
 from . import detmath
 
@@ -227,6 +226,21 @@ def coding_order(priority: np.ndarray) -> np.ndarray:
     return np.argsort(-priority, kind="stable")
 
 
+def log_ndtr(x: np.ndarray) -> np.ndarray:
+    """log Φ(x) in float64 from Numerical Recipes' erfc (detmath.normal_tail's), taken in
+    the log domain so that no tail underflows: absolute error ~1e-7, smooth in x, so that
+    differences between nearby points are closer still. For reconstruct() only, which shapes
+    pixels and not the stream (numpy's own exp and log are fine here); it replaces
+    scipy.special.log_ndtr, whose import took 0.12 s of every decode call."""
+    z = np.abs(x) * detmath.SQRT_HALF
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = np.zeros_like(t)
+    for c in detmath.ERFC_COEFFICIENTS[:0:-1]:
+        poly = (poly + c) * t
+    log_tail = np.log(0.5 * t) - z * z + (poly + detmath.ERFC_COEFFICIENTS[0])  # log Φ(−|x|)
+    return np.where(x < 0, log_tail, np.log1p(-np.exp(log_tail)))
+
+
 def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True) -> np.ndarray:
     """Value of y* (grid units) from its interval: the conditional mean inside the interval
     under N(0, RECONSTRUCTION_SPREAD * sigma) (or the midpoint); elements never coded take
@@ -249,6 +263,9 @@ def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True)
         density = (np.exp(-0.5 * a * a - half_log_2pi - log_norm)
                    - np.exp(-0.5 * b * b - half_log_2pi - log_norm))
         mean = sigma_units * density / mass
+    # On the negative side the mean lies at or above the midpoint (a density rising toward 0);
+    # log_ndtr's 1e-7 could put it ~5e-5 below in a narrow interval near the mean.
+    mean = np.maximum(mean, -np.abs(midpoint))
     mean = np.where(mirror, -mean, mean)
     ok = np.isfinite(mean) & (mean >= lower) & (mean <= upper)
     return np.where(coded, np.where(ok, mean, midpoint), 0.0)

@@ -83,11 +83,20 @@ def test_numpy_transforms_equal_torch_layers(design):
     assert np.abs(ours_prior - prior).max() < 1e-12 * np.abs(prior).max()
 
 
+def test_gelu_equals_torch_without_scipy():
+    x = torch.linspace(-12, 12, 200001)
+    expected = torch.nn.functional.gelu(x.double()).numpy()
+    ours = inference.gelu(x.numpy())
+    assert ours.dtype == np.float32
+    assert np.abs(ours - expected).max() < 1e-6
+    assert ours[-1] == np.float32(12)
+
+
 def test_decoding_imports_no_torch(sample_stream, tmp_path):
     stream = tmp_path / "s.pcb"
     stream.write_bytes(sample_stream)
     script = ("import sys, pcodec; pixels = pcodec.decode(open(sys.argv[1], 'rb').read()); "
-              "assert pixels.ndim == 3; print(sorted(m for m in ('torch', 'compressai') "
+              "assert pixels.ndim == 3; print(sorted(m for m in ('torch', 'compressai', 'scipy') "
               "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script, str(stream)], capture_output=True,
                             text=True, check=True)
