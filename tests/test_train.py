@@ -407,6 +407,28 @@ def test_wavelet_shortcuts_are_orthonormal_where_they_start():
         assert float(plain.shortcut_penalty()) == 0
 
 
+@pytest.mark.parametrize("cin, cout, levels, up", [(3, 16, 2, False), (16, 16, 1, False),
+                                                  (16, 16, 1, True), (16, 3, 2, True)])
+def test_a_wavelet_shortcut_is_its_haar_scale_and_projection_in_one(cin, cout, levels, up):
+    from pcodec.transforms import WaveletShortcut, haar, inverse_haar
+
+    torch.manual_seed(levels)
+    shortcut = WaveletShortcut(cin, cout, levels, up).double()
+    with torch.no_grad():
+        shortcut.scale.uniform_(0.5, 2.0)
+    x = torch.randn(2, cin, 8 * 2 ** levels, 4 * 2 ** levels, dtype=torch.float64)
+    if up:
+        expected = shortcut.proj(x) * shortcut.scale.view(1, -1, 1, 1)
+        for _ in range(levels):
+            expected = inverse_haar(expected)
+    else:
+        expected = x
+        for _ in range(levels):
+            expected = haar(expected)
+        expected = shortcut.proj(expected * shortcut.scale.view(1, -1, 1, 1))
+    assert torch.allclose(shortcut(x), expected, rtol=0, atol=1e-12)
+
+
 def test_pu_transforms_tile_like_one_pass():
     """The pu synthesis's receptive field is wider than gdn5's: its tiles take more context."""
     from pcodec import inference
