@@ -218,18 +218,26 @@ def inverse_haar(x: np.ndarray) -> np.ndarray:
 
 
 def _wavelet_up(state, key, channels, dtype):
-    """transforms.WaveletShortcut(up=True): projection, scale, inverse Haar to `channels`."""
+    """transforms.WaveletShortcut(up=True): projection, scale, inverse Haar to `channels`,
+    folded into one matrix product and a rearrangement (as the torch module does)."""
     projection = state[key + ".proj.weight"]  # (wide, cin, 1, 1)
     wide = projection.shape[0]
     levels = int(round(np.log(wide / channels) / np.log(4)))
     assert channels * 4 ** levels == wide, (key, wide, channels)
-    # The scale folds into the projection: (x·W)·s = x·(W·s).
-    matrix = np.ascontiguousarray((projection[:, :, 0, 0] * state[key + ".scale"][:, None]).T,
-                                  dtype=dtype)
+    size = 2 ** levels
+    # What each subband channel becomes: the inverse Haar of a unit impulse, a size × size
+    # patch of `channels` (rows k·size … of the transformed identity).
+    patches = np.eye(wide, dtype=np.float64)[:, None, :]
+    for _ in range(levels):
+        patches = inverse_haar(patches)
+    patches = patches.reshape(wide, size, size, channels).reshape(wide, wide)
+    # x·(W·s)·patches: the scale and the projection fold in too.
+    matrix = np.ascontiguousarray(
+        (projection[:, :, 0, 0] * state[key + ".scale"][:, None]).T @ patches, dtype=dtype)
 
     def run(x):
-        y = np.matmul(x.reshape(-1, x.shape[-1]), matrix).reshape(*x.shape[:2], wide)
-        for _ in range(levels):
-            y = inverse_haar(y)
-        return y
+        height, width = x.shape[:2]
+        y = np.matmul(x.reshape(-1, x.shape[-1]), matrix)
+        y = y.reshape(height, width, size, size, channels).transpose(0, 2, 1, 3, 4)
+        return y.reshape(height * size, width * size, channels)
     return run
