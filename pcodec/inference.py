@@ -90,8 +90,20 @@ _ERF_A = tuple(np.float32(a) for a in (0.254829592, -0.284496736, 1.421413741, -
                                        1.061405429))
 
 
+GELU_BLOCK = 1 << 15  # elements per pass: 128 KB, so the ~20 passes stay in the core's cache
+
+
 def gelu(x: np.ndarray) -> np.ndarray:
-    """torch's exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, in float32."""
+    """torch's exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, in float32, block by block (pux320's
+    GELUs at 768×512: 39 ms, against 53 ms in whole-array passes)."""
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    for start in range(0, len(flat), GELU_BLOCK):
+        out[start:start + GELU_BLOCK] = _gelu_block(flat[start:start + GELU_BLOCK])
+    return out.reshape(x.shape)
+
+
+def _gelu_block(x: np.ndarray) -> np.ndarray:
     z = np.abs(x)
     z *= np.float32(2 ** -0.5)
     t = _ERF_P * z
