@@ -218,8 +218,8 @@ def _sequence(state: dict, prefix: str, dtype):
 
 
 def inverse_haar(x: np.ndarray) -> np.ndarray:
-    """transforms.inverse_haar in channels-last: (H, W, 4C), each channel's LL, LH, HL, HH
-    next to each other → (2H, 2W, C)."""
+    """The inverse (the transpose) of transforms.haar in channels-last: (H, W, 4C), each
+    channel's LL, LH, HL, HH next to each other → (2H, 2W, C)."""
     ll, lh, hl, hh = (x[:, :, k::4] for k in range(4))
     out = np.empty((2 * x.shape[0], 2 * x.shape[1], x.shape[2] // 4), x.dtype)
     out[0::2, 0::2] = 0.5 * (ll + lh + hl + hh)
