@@ -23,8 +23,9 @@ def save_atomic(obj, path: Path):
 
 
 # What a weights file keeps of a run's state: enough to resume its schedule (--init) and to
-# say what it cost. gpu_seconds is the part of seconds spent on a GPU.
-STATE_KEYS = ("step", "seconds", "gpu_seconds", "images", "history")
+# say what it cost. gpu_seconds is the part of seconds spent on a GPU; host_seconds splits
+# seconds by machine (a campaign moves between hosts whose throughput differs 2x).
+STATE_KEYS = ("step", "seconds", "gpu_seconds", "images", "history", "host_seconds")
 
 
 def export_weights(model, config: TrainConfig, state: dict, path: Path,
@@ -40,7 +41,7 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
     z_table = torch.from_numpy(hyper_latent_table(model.entropy_bottleneck))
     saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
              "state": json.loads(json.dumps(
-                 {k: state.get(k, 0.0) for k in STATE_KEYS},
+                 {k: state[k] for k in STATE_KEYS if k in state},
                  default=float))}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
@@ -125,7 +126,8 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
             "gpu_minutes": round(state.get("gpu_seconds", 0) / 60, 1),
             "lambda_ladder": list(config["lambdas"]),
             "throughput_images_per_s": round(float(np.median(recent)), 2) if recent else None,
-            "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+            "machine": machine_name(),
+            "hours_by_machine": hours_by_machine(state),
             "stage": config.get("stage", "ladder"),
             "numerics": history[-1].get("numerics") if history else None,
             "command": command,
@@ -170,15 +172,27 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     return entry
 
 
-def _cpu_name() -> str:
-    """The processor's model name (Linux), which says whether bf16 was native."""
+def machine_name() -> str:
+    """The processor's model name (Linux), which says whether bf16 was native, and its cores."""
+    name = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def hours_by_machine(state: dict) -> dict:
+    """Training hours per machine; hours from before machines were recorded, apart."""
+    hosts = state.get("host_seconds", {})
+    hours = {name: round(seconds / 3600, 3) for name, seconds in hosts.items()}
+    earlier = state["seconds"] - sum(hosts.values())
+    if earlier > 1:
+        hours["not recorded"] = round(earlier / 3600, 3)
+    return hours
 
 
 def plot_campaign(campaign: list[dict], model_id: str, path: Path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import STATE_KEYS, export_checkpoint, export_model, export_weights, save_atomic
+from .export import STATE_KEYS, export_checkpoint, export_model, export_weights, machine_name, save_atomic
 from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_config, parse_setting, rewarmed
 
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
@@ -139,7 +139,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             [{"params": [p for p in main_params if p is not model.log_steps], "lr_scale": 1.0},
              {"params": [model.log_steps], "lr_scale": config.step_lr_scale}], lr=config.lr)
     aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr)
-    state = {"step": 0, "seconds": 0.0, "gpu_seconds": 0.0, "images": 0, "history": []}
+    state = {"step": 0, "seconds": 0.0, "gpu_seconds": 0.0, "images": 0, "history": [],
+             "host_seconds": {}}
     saved_average = None
 
     def restore():
@@ -170,7 +171,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             raise SystemExit(f"{init_weights} lacks parameters: {', '.join(missing)}")
         if unexpected:
             print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
-        state.update({k: weights["state"].get(k, 0.0) for k in STATE_KEYS})
+        state.update({k: weights["state"][k] for k in STATE_KEYS if k in weights["state"]})
         if weights["config"].get("stage", "ladder") != config.stage:
             # A new stage runs its own schedule from step 0; hours, crops and the history
             # (each record names its stage) go on counting.
@@ -194,6 +195,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             average.load_state_dict(saved_average)
             hold_steps(average.module, config, log)
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
+    host = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
     autocast = config.autocast and native
     if config.autocast and not autocast:
         print(f"this {device.type.upper()} has no native bf16: training in float32", file=log)
@@ -322,6 +324,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         state["seconds"] += step_seconds
         if device.type == "cuda":
             state["gpu_seconds"] = state.get("gpu_seconds", 0.0) + step_seconds
+        hosts = state.setdefault("host_seconds", {})
+        hosts[host] = hosts.get(host, 0.0) + step_seconds
         # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
         unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
         window["loss"] += float(unweighted)

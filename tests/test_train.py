@@ -54,6 +54,9 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     entry = export.export_model(run, "tiny-run", None, "test", models_folder=models,
                                gain_data=photos)
     assert entry["training"]["steps"] == 4
+    # every training second was spent here, and the manifest says where
+    assert entry["training"]["hours_by_machine"] == {
+        export.machine_name(): entry["training"]["cpu_hours"]}
     assert json.loads((models / "manifest.json").read_text())["default"] == "tiny-run"
     weights = load_weights_file(models / "tiny-run.pt")
     assert weights.order_offsets.shape == weights.unit.shape
@@ -489,6 +492,10 @@ def test_a_gpu_chunk_packs_its_photos_and_hands_its_weights_on(photos, tmp_path)
     _, state = train.train(recipes.CONFIGS["tiny"], tmp_path / "packed", tmp_path / "cpu", 6,
                            tmp_path / "w.pt", None, log=log)
     assert state["step"] == 6 and "fresh optimizer" in log.getvalue()
+    # the weights carry the hours per machine on, and the run adds its own
+    assert saved["state"]["host_seconds"] == {export.machine_name(): saved["state"]["seconds"]}
+    assert state["host_seconds"] == {export.machine_name(): pytest.approx(state["seconds"])}
+    assert state["seconds"] > saved["state"]["seconds"]
 
 
 def test_the_throughput_table_times_each_candidate():
