@@ -447,7 +447,7 @@ def _apply_first_layer(model, state, elements, q):
 
 
 def _apply_refinement(state, elements, bounds, symbols):
-    # Flat positions into the (contiguous) bounds: 2x faster than indexing by (row, symbol).
+    # Flat (row-major) positions into the bounds: 2x faster than indexing by (row, symbol).
     flat = np.arange(len(symbols)) * bounds.shape[1] + symbols
     state.lower[elements] = bounds.take(flat)
     state.upper[elements] = bounds.take(flat + 1)
