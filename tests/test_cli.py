@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,15 +92,13 @@ def test_pipeline_through_real_pipes_is_byte_identical(tmp_path):
     assert (np.asarray(Image.open(tmp_path / "b.png")) == np.asarray(Image.open(tmp_path / "a.png"))).all()
 
 
-LATENT_DIGEST = """
-import hashlib, sys
-from pcodec import engine, models
-model = models.load()
-header, payloads, partial = engine.read_stream(model, open(sys.argv[1], "rb").read())
-*_, (_, state) = engine.decode_latents(model, header, payloads, partial)
-digest = hashlib.sha256(state.mu.tobytes() + state.scale_index.tobytes()
-                        + state.lower.tobytes() + state.upper.tobytes())
-print(digest.hexdigest())
+# The latent digest the golden tests record (golden.decoded), in a fresh process.
+LATENT_DIGEST = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from golden import decoded
+from pcodec import models
+print(decoded(models.load(), open(sys.argv[1], "rb").read(), {{}})["latent_sha256"])
 """
 
 
