@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -34,6 +36,47 @@ ROLLBACK_RATE_FACTOR = 0.5
 # at random layers swing the mean loss by 5x.
 LOSS_CLIMB_FACTOR, LOSS_CLIMB_RECORDS, LOSS_CLIMB_MIN_CROPS = 2.0, 5, 400
 FRESH_OPTIMIZER_RATE = 0.1  # --init: the rate starts at this fraction of the schedule
+
+
+class StopAfterStep:
+    """SIGTERM, SIGHUP or SIGINT while a step runs ends the run after that step, with a
+    checkpoint saved, then goes on as the signal would have (the CLI's clean exit 128 + n):
+    a run stopped when its session or job ends loses no steps. Outside a step (loading the
+    photos, an evaluation), or at a second signal, the signal acts at once as before; one
+    that was ignored (a job started with `&`, nohup) stays ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self):
+        self.pending, self.in_step, self.previous = None, False, {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not signal.SIG_IGN:
+                self.previous[signum] = handler
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.in_step and self.pending is None:
+            self.pending = signum
+        else:
+            self.deliver(signum)
+
+    def deliver(self, signum):
+        """Act on the signal as the handler before this one would have."""
+        self.pending = None
+        handler = self.previous[signum]
+        if callable(handler):  # the CLI's and Python's raise; one that returns lets the run on
+            handler(signum, None)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 class PatchSampler:
@@ -244,142 +287,152 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         print(f"{reason}: back to the checkpoint at step {state['step']}, other batches, rate "
               f"×{state['rate_factor']:g} (rollback {rollbacks} of {MAX_ROLLBACKS})",
               file=log, flush=True)
-    while state["step"] < steps:
-        if chunk_ends is not None and time.monotonic() > chunk_ends:
-            save_checkpoint()
-            print(f"chunk of {minutes} minutes done at step {state['step']}: checkpoint saved",
-                  file=log, flush=True)
-            break
-        step_start = time.perf_counter()
-        lr = rewarmed(learning_rate(config, state["step"]), resumed_rate,
-                      state["step"] - resumed_step) * state.get("rate_factor", 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        batch = torch.from_numpy(sampler.batch(config.batch)).to(device).permute(0, 3, 1, 2)
-        batch = batch.float() / 255
-        if config.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if synthesis_only:
-            layers = torch.tensor(layer_rng.sample(range(1, len(config.lambdas) + 1),
-                                                   config.synthesis_layers), device=device)
-            x_hat, layer_of = model.synthesis_pass(batch, layers, autocast=autocast)
-            target = batch.repeat(len(layers), 1, 1, 1)
-            mse = ((target - x_hat) ** 2).mean((1, 2, 3))
-            loss = torch.log10(mse.clamp(min=1e-10)).mean()
-            mse, bpp = mse.detach(), torch.zeros_like(mse)
-        elif base_stage:
-            layer_of = torch.full((config.batch,), len(config.lambdas), device=device)
-            x_hat, y_lik, z_lik = model.forward_base(batch, autocast=autocast)
-            batch_lambdas = lambdas_all[layer_of - 1]
-            loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas)
-        else:
-            layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
-                                   config.layers_per_crop, config.keep_finest).to(device)
-            x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast)
-            batch_lambdas = lambdas_all[layer_of - 1]
-            loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
-                                     z_lik, batch_lambdas)
-        if not synthesis_only:
-            loss = loss + model.shortcut_penalty().to(loss.device)
-        optimizer.zero_grad(set_to_none=True)
-        # A rare bad batch must not poison the weights: skip it when its loss or its gradient
-        # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
-        # it on to every weight). The 2026-11-30 work's run skipped every batch from step 30,926 on, its
-        # weights most likely NaN; it now stops instead of spinning.
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(main_params, config.clip))
-            finite = math.isfinite(grad_norm)
-        # A finite spike is skipped too: pu320's base run at 3e-4 met one batch whose gradient
-        # norm was 5.5e8 against a median of 800 (step ~4,750) and diverged within 100 steps.
-        if finite and len(recent_norms) == recent_norms.maxlen:
-            finite = grad_norm <= SPIKE_FACTOR * float(np.median(recent_norms))
+    with StopAfterStep() as stop:
+        while state["step"] < steps:
+            if stop.pending is not None:
+                save_checkpoint()
+                print(f"stopped by {signal.Signals(stop.pending).name} after step "
+                      f"{state['step']}: checkpoint saved", file=log, flush=True)
+                stop.deliver(stop.pending)
+            stop.in_step = True
+            if chunk_ends is not None and time.monotonic() > chunk_ends:
+                save_checkpoint()
+                print(f"chunk of {minutes} minutes done at step {state['step']}: checkpoint saved",
+                      file=log, flush=True)
+                break
+            step_start = time.perf_counter()
+            lr = rewarmed(learning_rate(config, state["step"]), resumed_rate,
+                          state["step"] - resumed_step) * state.get("rate_factor", 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            batch = torch.from_numpy(sampler.batch(config.batch)).to(device).permute(0, 3, 1, 2)
+            batch = batch.float() / 255
+            if config.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if synthesis_only:
+                layers = torch.tensor(layer_rng.sample(range(1, len(config.lambdas) + 1),
+                                                       config.synthesis_layers), device=device)
+                x_hat, layer_of = model.synthesis_pass(batch, layers, autocast=autocast)
+                target = batch.repeat(len(layers), 1, 1, 1)
+                mse = ((target - x_hat) ** 2).mean((1, 2, 3))
+                loss = torch.log10(mse.clamp(min=1e-10)).mean()
+                mse, bpp = mse.detach(), torch.zeros_like(mse)
+            elif base_stage:
+                layer_of = torch.full((config.batch,), len(config.lambdas), device=device)
+                x_hat, y_lik, z_lik = model.forward_base(batch, autocast=autocast)
+                batch_lambdas = lambdas_all[layer_of - 1]
+                loss, bpp, mse = rd_loss(batch, x_hat, y_lik, z_lik, batch_lambdas)
+            else:
+                layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
+                                       config.layers_per_crop, config.keep_finest).to(device)
+                x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast)
+                batch_lambdas = lambdas_all[layer_of - 1]
+                loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
+                                         z_lik, batch_lambdas)
+            if not synthesis_only:
+                loss = loss + model.shortcut_penalty().to(loss.device)
+            optimizer.zero_grad(set_to_none=True)
+            # A rare bad batch must not poison the weights: skip it when its loss or its gradient
+            # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
+            # it on to every weight). The 2026-11-30 work's run skipped every batch from step 30,926 on, its
+            # weights most likely NaN; it now stops instead of spinning.
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(main_params, config.clip))
+                finite = math.isfinite(grad_norm)
+            # A finite spike is skipped too: pu320's base run at 3e-4 met one batch whose gradient
+            # norm was 5.5e8 against a median of 800 (step ~4,750) and diverged within 100 steps.
+            if finite and len(recent_norms) == recent_norms.maxlen:
+                finite = grad_norm <= SPIKE_FACTOR * float(np.median(recent_norms))
+                if not finite:
+                    state["spikes"] = state.get("spikes", 0) + 1
+            if finite:
+                recent_norms.append(grad_norm)
             if not finite:
-                state["spikes"] = state.get("spikes", 0) + 1
-        if finite:
-            recent_norms.append(grad_norm)
-        if not finite:
-            state["skipped"] = state.get("skipped", 0) + 1
-            skipped_in_a_row += 1
-            if skipped_in_a_row < MAX_SKIPS_IN_A_ROW:
+                state["skipped"] = state.get("skipped", 0) + 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row < MAX_SKIPS_IN_A_ROW:
+                    continue
+                roll_back(f"{MAX_SKIPS_IN_A_ROW} non-finite batches in a row at step {state['step']}")
                 continue
-            roll_back(f"{MAX_SKIPS_IN_A_ROW} non-finite batches in a row at step {state['step']}")
-            continue
-        skipped_in_a_row = 0
-        optimizer.step()
-        if not synthesis_only:  # the hyper-latent's quantiles are frozen with the rest
-            aux_optimizer.zero_grad(set_to_none=True)
-            aux_loss = model.aux_loss()
-            if torch.isfinite(aux_loss):
-                aux_loss.backward()
-                aux_optimizer.step()
-        hold_steps(model, config)
-        if average is not None:
-            average.update_parameters(model)
-
-        state["step"] += 1
-        state["images"] += len(batch)  # crops, whatever the layers per crop
-        step_seconds = time.perf_counter() - step_start
-        state["seconds"] += step_seconds
-        if device.type == "cuda":
-            state["gpu_seconds"] = state.get("gpu_seconds", 0.0) + step_seconds
-        hosts = state.setdefault("host_seconds", {})
-        hosts[host] = hosts.get(host, 0.0) + step_seconds
-        # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
-        unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
-        window["loss"] += float(unweighted)
-        window["n"] += 1
-        window["images"] += len(batch)
-        window["grad_norm"].append(grad_norm)
-        for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
-            window["bpp"][layer - 1] += b
-            window["mse"][layer - 1] += m
-            window["count"][layer - 1] += 1
-        if state["step"] % config.checkpoint_every == 0 or state["step"] == steps:
-            elapsed = time.perf_counter() - window["started"]
-            count = np.maximum(window["count"], 1)
-            psnr = np.where(window["count"] > 0,
-                            -10 * np.log10(np.maximum(window["mse"] / count, 1e-10)), np.nan)
-            record = {
-                "step": state["step"], "hours": round(state["seconds"] / 3600, 4),
-                "lr": lr, "loss": round(window["loss"] / window["n"], 4),
-                **({"objective": "synthesis"} if synthesis_only else {}),
-                **({"stage": "base"} if base_stage else {}),
-                "numerics": "bf16 autocast (transforms)" if autocast else "float32",
-                "device": device.type,
-                "images_per_s": round(window["images"] / elapsed, 2),
-                "bpp": [round(float(v), 4) for v in (window["bpp"] / count)],
-                "psnr": [round(float(v), 2) for v in psnr],
-                # before clipping: a spike here is the step that disturbed a run
-                "grad_norm_median_max": [round(float(np.median(window["grad_norm"])), 4),
-                                         round(max(window["grad_norm"]), 4)],
-                "bad_batches_skipped": state.get("skipped", 0),
-            }
-            earlier = [r["loss"] for r in state["history"]
-                       if (r.get("stage"), r.get("objective")) == (record.get("stage"),
-                                                                   record.get("objective"))]
-            earlier = earlier[-LOSS_CLIMB_RECORDS:]
-            if (not synthesis_only and window["images"] >= LOSS_CLIMB_MIN_CROPS
-                    and len(earlier) == LOSS_CLIMB_RECORDS
-                    and record["loss"] > LOSS_CLIMB_FACTOR * float(np.median(earlier))):
-                roll_back(f"loss {record['loss']:.4g} at step {state['step']} against "
-                          f"{float(np.median(earlier)):.4g} before")
-                continue
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"step {record['step']} | {record['images_per_s']} img/s | loss "
-                  f"{record['loss']} | layer bpp/psnr "
-                  + " ".join(f"{b:.2f}/{p:.1f}" for b, p in zip(record["bpp"], record["psnr"])),
-                  file=log, flush=True)
-            state["history"].append(record)
-            save_checkpoint()
-            window = new_window()
-        if kodak is not None and state["step"] % config.eval_every == 0:
-            # The running weights too: their distance to the average is the case for it.
-            evaluate_and_record(model, config, state, kodak, run_dir, log, "raw")
+            skipped_in_a_row = 0
+            optimizer.step()
+            if not synthesis_only:  # the hyper-latent's quantiles are frozen with the rest
+                aux_optimizer.zero_grad(set_to_none=True)
+                aux_loss = model.aux_loss()
+                if torch.isfinite(aux_loss):
+                    aux_loss.backward()
+                    aux_optimizer.step()
+            hold_steps(model, config)
             if average is not None:
-                evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
+                average.update_parameters(model)
+
+            state["step"] += 1
+            state["images"] += len(batch)  # crops, whatever the layers per crop
+            step_seconds = time.perf_counter() - step_start
+            state["seconds"] += step_seconds
+            if device.type == "cuda":
+                state["gpu_seconds"] = state.get("gpu_seconds", 0.0) + step_seconds
+            hosts = state.setdefault("host_seconds", {})
+            hosts[host] = hosts.get(host, 0.0) + step_seconds
+            # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
+            unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
+            window["loss"] += float(unweighted)
+            window["n"] += 1
+            window["images"] += len(batch)
+            window["grad_norm"].append(grad_norm)
+            for layer, b, m in zip(layer_of.tolist(), bpp.tolist(), mse.tolist()):
+                window["bpp"][layer - 1] += b
+                window["mse"][layer - 1] += m
+                window["count"][layer - 1] += 1
+            if state["step"] % config.checkpoint_every == 0 or state["step"] == steps:
+                elapsed = time.perf_counter() - window["started"]
+                count = np.maximum(window["count"], 1)
+                psnr = np.where(window["count"] > 0,
+                                -10 * np.log10(np.maximum(window["mse"] / count, 1e-10)), np.nan)
+                record = {
+                    "step": state["step"], "hours": round(state["seconds"] / 3600, 4),
+                    "lr": lr, "loss": round(window["loss"] / window["n"], 4),
+                    **({"objective": "synthesis"} if synthesis_only else {}),
+                    **({"stage": "base"} if base_stage else {}),
+                    "numerics": "bf16 autocast (transforms)" if autocast else "float32",
+                    "device": device.type,
+                    "images_per_s": round(window["images"] / elapsed, 2),
+                    "bpp": [round(float(v), 4) for v in (window["bpp"] / count)],
+                    "psnr": [round(float(v), 2) for v in psnr],
+                    # before clipping: a spike here is the step that disturbed a run
+                    "grad_norm_median_max": [round(float(np.median(window["grad_norm"])), 4),
+                                             round(max(window["grad_norm"]), 4)],
+                    "bad_batches_skipped": state.get("skipped", 0),
+                }
+                earlier = [r["loss"] for r in state["history"]
+                           if (r.get("stage"), r.get("objective")) == (record.get("stage"),
+                                                                       record.get("objective"))]
+                earlier = earlier[-LOSS_CLIMB_RECORDS:]
+                if (not synthesis_only and window["images"] >= LOSS_CLIMB_MIN_CROPS
+                        and len(earlier) == LOSS_CLIMB_RECORDS
+                        and record["loss"] > LOSS_CLIMB_FACTOR * float(np.median(earlier))):
+                    roll_back(f"loss {record['loss']:.4g} at step {state['step']} against "
+                              f"{float(np.median(earlier)):.4g} before")
+                    continue
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"step {record['step']} | {record['images_per_s']} img/s | loss "
+                      f"{record['loss']} | layer bpp/psnr "
+                      + " ".join(f"{b:.2f}/{p:.1f}" for b, p in zip(record["bpp"], record["psnr"])),
+                      file=log, flush=True)
+                state["history"].append(record)
+                save_checkpoint()
+                window = new_window()
+            if kodak is not None and state["step"] % config.eval_every == 0:
+                stop.in_step = False  # minutes long: a signal acts at once
+                # The running weights too: their distance to the average is the case for it.
+                evaluate_and_record(model, config, state, kodak, run_dir, log, "raw")
+                if average is not None:
+                    evaluate_and_record(average.module, config, state, kodak, run_dir, log, "ema")
+        if stop.pending is not None:  # the last step's checkpoint is saved
+            stop.deliver(stop.pending)
     return model, state
 
 

@@ -540,3 +540,42 @@ def test_an_export_against_a_reference_adds_its_point_to_the_campaign(photos, tm
     bd = entry["kodak"]["bd_rate_vs_j2k_layered_percent"]
     assert isinstance(bd, float) and entry["campaign"][-1]["bd_rate_vs_j2k_layered_percent"] == bd
     assert (models / "tiny-c-campaign.png").stat().st_size > 0
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_a_signal_during_a_step_stops_the_run_after_it_with_a_checkpoint(photos, tmp_path,
+                                                                          monkeypatch):
+    import os
+    import signal
+
+    def stop(signum, frame):  # what the CLI's handler does: raise, to a clean exit
+        raise Stopped(signum)
+
+    monkeypatch.setattr(signal, "getsignal", lambda signum: stop)  # as if the CLI installed it
+    draw = train.PatchSampler.batch
+    calls = []
+
+    def batch_then_signal(self, size):  # SIGTERM while the third step runs
+        calls.append(size)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return draw(self, size)
+
+    monkeypatch.setattr(train.PatchSampler, "batch", batch_then_signal)
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=1000, threads=1)
+    run, log = tmp_path / "run", io.StringIO()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(Stopped):
+            train.train(config, photos, run, 10**6, None, None, log=log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # the step that was running finished and was saved (no regular checkpoint before 1,000)
+    assert "stopped by SIGTERM after step 3: checkpoint saved" in log.getvalue()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
+    monkeypatch.undo()
+    _, state = train.train(config, photos, run, 5, None, None)
+    assert state["step"] == 5
