@@ -644,7 +644,7 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
                 paths[-1].write_bytes(data)
             (work / "batch-out").mkdir()
             call = pcodec + ["-q", "decode", "-f", "-j", "2", "-o", str(work / "batch-out") + "/"]
-            # Medians of 3: one call's start-up varies by a second (the 2026-12-01 work: one run gave
+            # Medians of 3: one call's start-up varies by a second (2026-12-01: one run gave
             # 2.9 s per image, a rerun on the same host 0.48 s).
             every = _timed_command(call + [str(p) for p in paths])
             first_two = _timed_command(call + [str(p) for p in paths[:2]])

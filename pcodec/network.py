@@ -59,7 +59,7 @@ def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tens
     normalised by Φ(b) in the log domain so that tail intervals stay finite).
 
     Computed in float64, as the coder does. An interval hundreds of σ out in the tail (a
-    confidently wrong prior: σ 0.04–0.1 and y* 80–450, seen in the 2026-12-02 work's run) puts -b²/2
+    confidently wrong prior: σ 0.04–0.1 and y* 80–450, seen in the 2026-12-02 run) puts -b²/2
     near -5e5, where float32's spacing is 0.03–0.06: the mean came out units away from the
     decoder's (or fell back to the midpoint, 10 units away) and its gradient to σ reached 1e6;
     single batches had gradient norms of 1e7 through the prior into the analysis, and the run

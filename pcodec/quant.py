@@ -31,7 +31,7 @@ FINEST_STEP_UNITS = 16  # the finest layer's step in grid units: sets the intege
 MAX_SPLIT = 64  # most sub-intervals one split may produce (bounded by the step ratios)
 # Reconstruction takes the conditional mean under a prior twice as wide as the coded one: the
 # prior is overconfident inside coarse intervals, so its own mean pulls values too far toward
-# mu. The 2026-12-02 work, -r5 streams, BD-rate against spread 1 (chosen on 8 training photos, where
+# mu. 2026-12-02, -r5 streams, BD-rate against spread 1 (chosen on 8 training photos, where
 # 1.25/1.5/2/3/midpoint gave -1.12/-1.55/-1.71/-1.48/-0.91 %): 24 Kodak images -1.29/-1.82/
 # -2.07/-1.92/-1.36 %. Pixels only: the stream and its probability tables do not use it.
 RECONSTRUCTION_SPREAD = 2.0

@@ -70,7 +70,7 @@ class TrainConfig:
     # ladder stage from a base: the finest layer's quality stays anchored).
     keep_finest: bool = False
     # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
-    # EPYC without AVX-512 (the 2026-12-02 work) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
+    # EPYC without AVX-512 (2026-12-02) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True
     channels_last: bool = True
     threads: int = 2
@@ -151,7 +151,7 @@ REWARM_STEPS = 1000
 
 def rewarmed(rate: float, resumed_rate: float | None, steps_since_resume: int) -> float:
     """The rate after a resume: a schedule that asks for more than the run last used climbs
-    to it geometrically over REWARM_STEPS. The 2026-12-02 work resumed a run decayed to 8e-6 at 1e-4
+    to it geometrically over REWARM_STEPS. 2026-12-02: resumed a run decayed to 8e-6 at 1e-4
     directly: non-finite batches 93 steps later and a loss of 5.5 (3.4 before)."""
     if resumed_rate is None or rate <= resumed_rate or steps_since_resume >= REWARM_STEPS:
         return rate

@@ -41,7 +41,7 @@ FRESH_OPTIMIZER_RATE = 0.1  # --init: the rate starts at this fraction of the sc
 class StopAfterStep:
     """SIGTERM, SIGHUP or SIGINT while a step runs ends the run after that step, with a
     checkpoint saved, then goes on as the signal would have (the CLI's clean exit 128 + n):
-    a run stopped when its session or job ends loses no steps. Outside a step (loading the
+    a run stopped by its job's end or a scheduler loses no steps. Outside a step (loading the
     photos, an evaluation), or at a second signal, the signal acts at once as before; one
     that was ignored (a job started with `&`, nohup) stays ignored."""
 
@@ -270,7 +270,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if rollbacks == MAX_ROLLBACKS or not checkpoint_path.exists():
             raise SystemExit(f"training diverged: {reason}; resume from the checkpoint, "
                              f"perhaps with a lower --set lr=")
-        # Unattended runs (the 2026-12-02 work's stopped at 61,772; a rerun of the same
+        # Unattended runs (the 2026-12-02 run stopped at 61,772; a rerun of the same
         # batches went past it): back to the last checkpoint, on other batches.
         rollbacks += 1
         skipped, factor = state.get("skipped", 0), state.get("rate_factor", 1.0)
@@ -334,7 +334,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             optimizer.zero_grad(set_to_none=True)
             # A rare bad batch must not poison the weights: skip it when its loss or its gradient
             # is not finite (a NaN gradient can come with a finite loss, and the norm clip passes
-            # it on to every weight). The 2026-11-30 work's run skipped every batch from step 30,926 on, its
+            # it on to every weight). The 2026-11-30 run skipped every batch from step 30,926 on, its
             # weights most likely NaN; it now stops instead of spinning.
             finite = bool(torch.isfinite(loss))
             if finite:
