@@ -160,7 +160,8 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
             "finest_bpp_psnr": [entry["kodak"]["bpp"][-1], entry["kodak"]["psnr"][-1]],
             "measured": entry["kodak"]["measured"]}]
         entry["campaign"] = campaign
-        plot_campaign(campaign, model_id, folder / f"{model_id}-campaign.png")
+        plot_campaign(campaign, model_id, folder / f"{model_id}-campaign.png",
+                      shipped_campaign(model_id))
     evals_path = run_dir / "eval.log"
     evals = [json.loads(line) for line in evals_path.read_text().splitlines()] \
         if evals_path.exists() else []
@@ -195,8 +196,30 @@ def hours_by_machine(state: dict) -> dict:
     return hours
 
 
-def plot_campaign(campaign: list[dict], model_id: str, path: Path):
-    """BD-rate against layered JPEG 2000 (all Kodak images, real files) per CPU-hour."""
+def shipped_campaign(model_id: str) -> tuple[str, list[dict]] | None:
+    """The shipped default model's campaign (the models/ manifest's), to draw beside another
+    model's: whether a new design buys more per CPU-hour is the question a campaign answers."""
+    from .models import models_dir
+
+    # PCODEC_MODELS may name a candidates' folder whose default is this model: then the
+    # source tree's models/.
+    source_tree = Path(__file__).resolve().parent.parent / "models" / "manifest.json"
+    for path in (models_dir() / "manifest.json", source_tree):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        default = manifest.get("default")
+        points = manifest.get("models", {}).get(default, {}).get("campaign")
+        if default and default != model_id and points:
+            return default, points
+    return None
+
+
+def plot_campaign(campaign: list[dict], model_id: str, path: Path,
+                  shipped: tuple[str, list[dict]] | None = None):
+    """BD-rate against layered JPEG 2000 (all Kodak images, real files) per CPU-hour, beside
+    the shipped model's campaign when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,12 +229,18 @@ def plot_campaign(campaign: list[dict], model_id: str, path: Path):
                     key=lambda p: p["cpu_hours"])
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot([p["cpu_hours"] for p in points],
-              [p["bd_rate_vs_j2k_layered_percent"] for p in points], marker="o")
+              [p["bd_rate_vs_j2k_layered_percent"] for p in points], marker="o", label=model_id)
     for p in points:
         gpu = f", +{p['gpu_minutes']:.0f} GPU min" if p["gpu_minutes"] else ""
         axes.annotate(f"{p['step']:,} ({p['stage']}{gpu})",
                       (p["cpu_hours"], p["bd_rate_vs_j2k_layered_percent"]),
                       fontsize=7, textcoords="offset points", xytext=(4, 4))
+    if shipped:
+        name, others = shipped
+        others = sorted(others, key=lambda p: p["cpu_hours"])
+        axes.plot([p["cpu_hours"] for p in others],
+                  [p["bd_rate_vs_j2k_layered_percent"] for p in others], marker=".",
+                  color="gray", lw=0.8, label=f"{name}'s campaign (shipped)")
     axes.axhline(-10, color="C2", ls="--", lw=0.8, label="goal: −10 %")
     axes.axhline(0, color="gray", lw=0.8)
     axes.set_xlabel("CPU hours (2 cores)")

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder, synthetic_image
+from conftest import ROOT, image_folder, synthetic_image
 
 from pcodec import engine, export, recipes, train
 from pcodec.evaluate import psnr
@@ -540,6 +540,21 @@ def test_an_export_against_a_reference_adds_its_point_to_the_campaign(photos, tm
     bd = entry["kodak"]["bd_rate_vs_j2k_layered_percent"]
     assert isinstance(bd, float) and entry["campaign"][-1]["bd_rate_vs_j2k_layered_percent"] == bd
     assert (models / "tiny-c-campaign.png").stat().st_size > 0
+
+
+def test_a_campaign_is_drawn_beside_the_shipped_models(tmp_path, monkeypatch):
+    """The shipped default's campaign comes from the source tree when PCODEC_MODELS names a
+    candidates' folder whose default is the model being exported; never the model itself."""
+    candidates = tmp_path / "candidates"
+    candidates.mkdir()
+    (candidates / "manifest.json").write_text(json.dumps({"default": "new", "models": {
+        "new": {"campaign": [{"cpu_hours": 1.0, "bd_rate_vs_j2k_layered_percent": 90.0}]}}}))
+    monkeypatch.setenv("PCODEC_MODELS", str(candidates))
+    shipped = json.loads((ROOT / "models" / "manifest.json").read_text())
+    name, points = export.shipped_campaign("new")
+    assert name == shipped["default"] and points == shipped["models"][name]["campaign"]
+    monkeypatch.delenv("PCODEC_MODELS")
+    assert export.shipped_campaign(shipped["default"]) is None
 
 
 class Stopped(Exception):
