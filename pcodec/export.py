@@ -199,12 +199,11 @@ def hours_by_machine(state: dict) -> dict:
 def shipped_campaign(model_id: str) -> tuple[str, list[dict]] | None:
     """The shipped default model's campaign (the models/ manifest's), to draw beside another
     model's: whether a new design buys more per CPU-hour is the question a campaign answers."""
-    from .models import models_dir
+    from .models import models_dir, shipped_models_dir
 
     # PCODEC_MODELS may name a candidates' folder whose default is this model: then the
-    # source tree's models/.
-    source_tree = Path(__file__).resolve().parent.parent / "models" / "manifest.json"
-    for path in (models_dir() / "manifest.json", source_tree):
+    # shipped models'.
+    for path in (models_dir() / "manifest.json", shipped_models_dir() / "manifest.json"):
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -25,10 +25,15 @@ Z_TABLE_TOTAL = 1 << 16
 
 
 def models_dir() -> Path:
-    """PCODEC_MODELS, else the weights an installed package carries (pcodec/weights, from
-    models/ at build time), else the source tree's models/."""
+    """PCODEC_MODELS, else the shipped models (shipped_models_dir)."""
     if "PCODEC_MODELS" in os.environ:
         return Path(os.environ["PCODEC_MODELS"])
+    return shipped_models_dir()
+
+
+def shipped_models_dir() -> Path:
+    """The weights an installed package carries (pcodec/weights, from models/ at build
+    time), else the source tree's models/."""
     here = Path(__file__).resolve().parent
     installed = here / "weights"
     return installed if (installed / "manifest.json").exists() else here.parent / "models"
