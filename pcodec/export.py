@@ -197,21 +197,19 @@ def hours_by_machine(state: dict) -> dict:
 
 
 def shipped_campaign(model_id: str) -> tuple[str, list[dict]] | None:
-    """The shipped default model's campaign (the models/ manifest's), to draw beside another
-    model's: whether a new design buys more per CPU-hour is the question a campaign answers."""
-    from .models import models_dir, shipped_models_dir
+    """The shipped default model's campaign (the shipped models' manifest, whatever folder
+    PCODEC_MODELS names: a candidates' folder's default is not shipped), to draw beside
+    another model's: whether a new design buys more per CPU-hour is what a campaign asks."""
+    from .models import shipped_models_dir
 
-    # PCODEC_MODELS may name a candidates' folder whose default is this model: then the
-    # shipped models'.
-    for path in (models_dir() / "manifest.json", shipped_models_dir() / "manifest.json"):
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        default = manifest.get("default")
-        points = manifest.get("models", {}).get(default, {}).get("campaign")
-        if default and default != model_id and points:
-            return default, points
+    try:
+        manifest = json.loads((shipped_models_dir() / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    default = manifest.get("default")
+    points = manifest.get("models", {}).get(default, {}).get("campaign")
+    if default and default != model_id and points:
+        return default, points
     return None
 
 

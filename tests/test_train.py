@@ -544,11 +544,11 @@ def test_an_export_against_a_reference_adds_its_point_to_the_campaign(photos, tm
 
 def test_a_campaign_is_drawn_beside_the_shipped_models(tmp_path, monkeypatch):
     """The shipped default's campaign comes from the source tree when PCODEC_MODELS names a
-    candidates' folder whose default is the model being exported; never the model itself."""
+    candidates' folder, whatever that folder's default; never the model itself."""
     candidates = tmp_path / "candidates"
     candidates.mkdir()
-    (candidates / "manifest.json").write_text(json.dumps({"default": "new", "models": {
-        "new": {"campaign": [{"cpu_hours": 1.0, "bd_rate_vs_j2k_layered_percent": 90.0}]}}}))
+    (candidates / "manifest.json").write_text(json.dumps({"default": "other", "models": {
+        "other": {"campaign": [{"cpu_hours": 1.0, "bd_rate_vs_j2k_layered_percent": 90.0}]}}}))
     monkeypatch.setenv("PCODEC_MODELS", str(candidates))
     shipped = json.loads((ROOT / "models" / "manifest.json").read_text())
     name, points = export.shipped_campaign("new")
