@@ -110,7 +110,9 @@ CONFIGS = {
     # scratch in one stage, 128² crops at 5e-4: on an AMD EPYC with avx512_bf16 (bf16
     # transforms, 38-40 crops/s) it reached +202 % against layered JPEG 2000 in one
     # CPU-hour and +122 % in 2.2, where pux320's two stages had needed 5.8 for +207 %
-    # (docs/gdn320.md). This schedule is that run's: 5e-4 to 16,275 steps, then one cosine.
+    # (docs/gdn320.md). This schedule is that run's first two stages: 5e-4 to 16,275 steps,
+    # then one cosine; the second cosine (to +99.5 % in 4.5) is a resume with --set, as
+    # docs/gdn320.md and the manifest record.
     "gdn320": TrainConfig(name="gdn320", M=320, lambdas=PU_LADDER, steps=37000,
                           decay_start=16275, decay_steps=20725, eval_every=8000),
     # Tiny config for tests and smoke runs.
