@@ -200,7 +200,10 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     if checkpoint_path.exists():
         state, saved_average = restore()
         resumed_step = state["step"]
-        resumed_rate = state["history"][-1]["lr"] if state["history"] else None
+        # The schedule's units: the recorded rate already carries the rollbacks' factor,
+        # which is applied again below.
+        resumed_rate = (state["history"][-1]["lr"] / state.get("rate_factor", 1.0)
+                        if state["history"] else None)
         print(f"resumed {checkpoint_path} at step {state['step']}"
               + (f", rate ×{state['rate_factor']:g} after rollbacks" if "rate_factor" in state
                  else ""), file=log)

@@ -162,6 +162,10 @@ def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path
     rates = {record["step"]: record["lr"] for record in state["history"]}
     expected = recipes.rewarmed(recipes.learning_rate(config, 3), rates[2], 1)
     assert rates[4] == pytest.approx(train.ROLLBACK_RATE_FACTOR * expected)
+    # a later resume climbs from the rate the run last used, not from that rate halved again
+    _, state = train.train(config, photos, run, 5, None, None)
+    rates = {record["step"]: record["lr"] for record in state["history"]}
+    assert rates[5] == pytest.approx(rates[4])
 
 
 def test_a_climbing_loss_rolls_back_before_it_is_saved(photos, tmp_path, monkeypatch):
