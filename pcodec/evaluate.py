@@ -8,7 +8,7 @@ import numpy as np
 
 from . import container, engine
 from .imageio import read_image
-from .quant import layers_in_use
+from .quant import SCALES, layers_in_use
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,22 +40,36 @@ def layer_points(model, image: np.ndarray, data: bytes | None = None,
     return points
 
 
+def prior_scale_saturation(model, data: bytes) -> float:
+    """The fraction of latent elements whose prior σ is the top of the coder's table
+    (quant.SCALE_MAX). Training clamps σ there too, with no gradient beyond it, so a latent
+    grown past it codes against a prior that no longer follows the image: gdn320 at step
+    74,026 had 93 % of kodim01's σ there (docs/gdn320.md). A healthy model has almost none."""
+    header, payloads, partial = engine.read_stream(model, data, layers=0)
+    _, state = next(engine.decode_latents(model, header, payloads, partial))
+    return float(np.mean(state.scale_index == len(SCALES) - 1))
+
+
 def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
                      with_midpoint: bool = False) -> dict:
-    """Mean bpp and PSNR per layer (layers 1..L) over the images of a folder, and how many
-    channels each refinement layer can refine at all (quant.layers_in_use: from the steps)."""
+    """Mean bpp and PSNR per layer (layers 1..L) over the images of a folder, the share of
+    prior scales at the table's top, and how many channels each refinement layer can refine
+    at all (quant.layers_in_use: from the steps)."""
     from .models import load_weights_file
 
     model = load_weights_file(weights_path)
-    rows = []
+    rows, saturation = [], []
     for path in image_files(folder, limit):
         image = read_image(str(path), 1 << 30)
         pixels = image.shape[0] * image.shape[1]
-        points = layer_points(model, image, with_midpoint=with_midpoint)[1:]
+        data = engine.encode(model, image)
+        points = layer_points(model, image, data, with_midpoint=with_midpoint)[1:]
         rows.append([(8 * p[0] / pixels,) + p[1:] for p in points])
+        saturation.append(prior_scale_saturation(model, data))
     mean = np.mean(rows, axis=0)  # (layers, fields)
     result = {"images": len(rows), "bpp": [round(float(v), 4) for v in mean[:, 0]],
-              "psnr": [round(float(v), 3) for v in mean[:, 1]]}
+              "psnr": [round(float(v), 3) for v in mean[:, 1]],
+              "prior_scale_at_max": round(float(np.mean(saturation)), 4)}
     result["layers_in_use"] = layers_in_use(model.int_steps)
     if with_midpoint:
         result["psnr_midpoint_reconstruction"] = [round(float(v), 3) for v in mean[:, 2]]

@@ -6,7 +6,7 @@ from conftest import synthetic_image
 
 from pcodec import coding, container, engine, quant
 from pcodec.errors import StreamError
-from pcodec.evaluate import layer_points, psnr
+from pcodec.evaluate import layer_points, prior_scale_saturation, psnr
 
 
 def test_full_stream_round_trip_is_exact_in_size_and_close_in_pixels(model, sample_image, sample_stream):
@@ -22,6 +22,13 @@ def test_quality_rises_strictly_with_every_layer(model, sample_image, sample_str
     assert len(points) == model.layers + 1
     assert all(b > a for a, b in zip(sizes, sizes[1:]))
     assert all(b > a for a, b in zip(quality, quality[1:])), quality
+
+
+def test_prior_scale_saturation_is_the_share_of_scales_at_the_tables_top(model, sample_stream,
+                                                                          monkeypatch):
+    assert prior_scale_saturation(model, sample_stream) < 0.02  # the shipped prior follows the image
+    monkeypatch.setattr(quant, "_SCALE_EDGES", quant._SCALE_EDGES / 1e4)  # every σ past the table
+    assert prior_scale_saturation(model, sample_stream) == 1.0
 
 
 def test_byte_cuts_never_lower_quality(model, sample_image, sample_stream):
