@@ -3,6 +3,7 @@ transforms (on tiles, in threads), the section coding (coding.py) and the contai
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +71,18 @@ def single_threaded():
         torch.set_num_threads(workers)
 
 
+@contextmanager
+def blas_single_threaded():
+    """numpy's BLAS single-threaded inside; yields the thread count to use for parallel tiles.
+    OpenBLAS's sums depend on its thread count: a 384x256 decode with 1 thread and with 2
+    differed by 1 in 6 pixel values (AMD EPYC, 2026-12-05), so a decode in a pipe (where a
+    parent had set OMP_NUM_THREADS=1) and one in a shell disagreed."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _splits(size: int, tile: int) -> list[tuple[int, int]]:
     count = -(-size // tile)
     edges = [size * i // count for i in range(count + 1)]
@@ -77,17 +90,17 @@ def _splits(size: int, tile: int) -> list[tuple[int, int]]:
 
 
 def tiled(transform, source, factor: float, tile: int | None = None, margin: int = TILE_MARGIN,
-          parallel: bool = True):
+          parallel: bool = True, threads=single_threaded):
     """Run a convolutional transform over a (1, C, H, W) tensor in overlapping tiles.
 
     Tiles are at most `tile` latents a side (a latent is 16 pixels), with `margin` latents of context
     on each side, more than the transforms' receptive field, so each tile's centre equals the
     untiled result and memory stays bounded for any image size. `factor` is the transform's
     scale in latents per source unit: 1/16 for the analysis, 16 for the synthesis.
-    `parallel=False` runs the tiles one by one, as they are (a GPU does, and numpy, whose
-    BLAS uses the cores inside each tile).
+    `parallel=False` runs the tiles one by one, as they are (a GPU does).
 
-    Each tile runs single-threaded and tiles run in parallel on torch's thread count: a
+    Each tile runs single-threaded (`threads`: torch's, or numpy's BLAS with
+    blas_single_threaded) and tiles run in parallel on the thread count it yields: a
     multi-threaded convolution sums in an order that depends on the thread count, which
     would change a pixel here and there; this way the result depends only on the image size.
     """
@@ -126,7 +139,7 @@ def tiled(transform, source, factor: float, tile: int | None = None, margin: int
         for box in boxes:
             place(box, run(box))
         return output
-    with single_threaded() as workers:
+    with threads() as workers:
         if len(boxes) == 1 or workers == 1:
             for box in boxes:
                 place(box, run(box))
@@ -237,7 +250,8 @@ def _render(model: LoadedModel, y_hat: np.ndarray, height: int, width: int) -> n
             def synthesis(piece):  # (1, M, h, w) → (1, 3, 16h, 16w), channels-last inside
                 return model.synthesis(piece[0].transpose(1, 2, 0)).transpose(2, 0, 1)[None]
 
-            x = tiled(synthesis, y_hat[None], 16, margin=model.margin, parallel=False)[0]
+            x = tiled(synthesis, y_hat[None], 16, margin=model.margin,
+                      threads=blas_single_threaded)[0]
         else:
             torch = _torch()
             with torch.no_grad():

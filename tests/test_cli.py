@@ -92,6 +92,17 @@ def test_pipeline_through_real_pipes_is_byte_identical(tmp_path):
     assert (np.asarray(Image.open(tmp_path / "b.png")) == np.asarray(Image.open(tmp_path / "a.png"))).all()
 
 
+def test_decoded_pixels_do_not_depend_on_the_blas_thread_count(tmp_path, sample_stream):
+    (tmp_path / "s.pcb").write_bytes(sample_stream)
+    outputs = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-m", "pcodec", "decode", "s.pcb", "-o", f"{threads}.ppm",
+                        "-q"], cwd=tmp_path, env=env, check=True, capture_output=True)
+        outputs.append((tmp_path / f"{threads}.ppm").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
 # The latent digest the golden tests record (golden.decoded), in a fresh process.
 LATENT_DIGEST = f"""
 import sys
