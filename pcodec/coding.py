@@ -46,7 +46,7 @@ class LatentState:
 
     def sigma_units(self, model: LoadedModel, elements=slice(None)) -> np.ndarray:
         """Prior scale in grid units (from the snapped table value)."""
-        return quant.SCALES[self.scale_index[elements]] / model.unit[self.channel[elements]]
+        return model.scales[self.scale_index[elements]] / model.unit[self.channel[elements]]
 
 
 def _channel_offsets(model: LoadedModel, channel: np.ndarray) -> np.ndarray | None:
@@ -77,7 +77,8 @@ def _per_scale_and_channel(model: LoadedModel, name: str, build, scale_index: np
 def _first_layer_keys(model: LoadedModel, scale_index: np.ndarray, channel: np.ndarray):
     """Layer-1 coding-order keys of these (scale, channel) pairs."""
     return _per_scale_and_channel(model, "_first_layer_keys", lambda scales, channels: (
-        quant.first_layer_priority(scales, model.int_steps[0][channels], model.unit[channels],
+        quant.first_layer_priority(model.scales[scales] / model.unit[channels],
+                                   model.int_steps[0][channels], model.unit[channels],
                                    _channel_offsets(model, channels))), scale_index, channel)
 
 
@@ -85,7 +86,7 @@ def _first_layer_rows(model: LoadedModel, state: LatentState, elements: np.ndarr
     """The layer-1 table (2R+1 symbol probabilities) of each of these elements."""
     return _per_scale_and_channel(model, "_first_layer_tables", lambda scales, channels: (
         quant.interval_probabilities(quant.first_layer_bounds(model.int_steps[0][channels]),
-                                     quant.SCALES[scales] / model.unit[channels])),
+                                     model.scales[scales] / model.unit[channels])),
         state.scale_index[elements], state.channel[elements])
 
 
@@ -119,7 +120,8 @@ def _prior(model: LoadedModel, z_hat: np.ndarray):
     means, indexes, fragile = [], [], []
     for piece in _hyper_synthesis_bands(model, z_hat):
         scales, mu = np.split(piece, 2, axis=0)
-        sigma = np.maximum(np.abs(scales), quant.SCALES[0])
+        # Snapped on the base table: dividing by 2^shift is exact, so both sides agree.
+        sigma = np.maximum(np.abs(scales) * 0.5 ** model.scale_shift, quant.SCALES[0])
         means.append(mu.astype(np.float32))
         indexes.append(quant.scale_indexes(sigma.reshape(-1)).reshape(sigma.shape))
         fragile.append(quant.near_scale_edge(sigma))

@@ -13,11 +13,12 @@ import os
 import pickle
 import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from . import quant
 from .errors import ModelError, RuntimeIOError, UsageError
 
 Z_RANGE = 64  # hyper-latent symbols -Z_RANGE..Z_RANGE; the two ends are escapes
@@ -108,6 +109,17 @@ class LoadedModel:
             self._network = Transforms(self.config["N"], self.config["M"], state,
                                        self.design, tuple(self.config.get("blocks", (1, 1, 1))))
         return self._network
+
+    @property
+    def scale_shift(self) -> int:
+        """σ's table is quant.SCALES × 2^scale_shift (quant.scale_shift_for); 0 in weights
+        made before the shift."""
+        shift = self.state.get("scale_shift")
+        return 0 if shift is None else int(shift)
+
+    @cached_property
+    def scales(self) -> np.ndarray:
+        return quant.SCALES * 2.0 ** self.scale_shift  # exact: a power of two
 
     @property
     def design(self) -> str:

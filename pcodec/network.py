@@ -23,7 +23,8 @@ with warnings.catch_warnings():
 from .quant import RECONSTRUCTION_SPREAD, SCALE_MAX, SCALE_MIN, SLIVER
 from .transforms import build_transforms
 
-# The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64). Training
+# The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64, × 2^shift
+# since 2026-12-05: quant.scale_shift_for). Training
 # once clamped only from below: nothing fixes the scale of y (y/c, steps/c, μ/c, σ/c code the
 # same), it drifted up at lr 1e-4, and by step 56,200 80 % of kodim01's σ were above 64, where
 # the coder snaps them to 64: real files got worse while the training loss held.
@@ -175,6 +176,9 @@ class HyperpriorNetwork(nn.Module):
         self.entropy_bottleneck = EntropyBottleneck(N)
         ladder = torch.linspace(math.log(config.coarsest_step), math.log(config.finest_step), L)
         self.log_steps = nn.Parameter(ladder.view(L, 1).repeat(1, M))
+        # σ's range is the coder's table × 2^scale_shift (quant.scale_shift_for); a buffer,
+        # so that it travels with the weights. Weights made before it load as 0.
+        self.register_buffer("scale_shift", torch.zeros(()))
         if config.design in ("pu", "pux"):
             # At PyTorch's default initialisation the pu analysis gives y of std ~0.1, almost
             # all of it rounded to 0 on the unit grid, and Adam takes thousands of steps to
@@ -183,6 +187,10 @@ class HyperpriorNetwork(nn.Module):
             self.rescale_latent(1 / PU_LATENT_GAIN)
             with torch.no_grad():
                 self.log_steps.copy_(ladder.view(L, 1).repeat(1, M))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "scale_shift", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def steps(self) -> torch.Tensor:
         return torch.exp(self.log_steps)
@@ -211,7 +219,8 @@ class HyperpriorNetwork(nn.Module):
         """Mean and scale of the conditional Gaussian of y given the hyper-latent."""
         params = self.h_s(z_hat).float()
         scales, means = params.chunk(2, 1)
-        return means, torch.clamp(torch.abs(scales), min=SCALE_MIN, max=SCALE_MAX)
+        factor = 2.0 ** float(self.scale_shift)
+        return means, torch.clamp(torch.abs(scales), min=SCALE_MIN * factor, max=SCALE_MAX * factor)
 
     def analyse(self, x: torch.Tensor, autocast: bool = True):
         """What both training passes start from: y − μ, μ and σ of the prior given the

@@ -19,6 +19,8 @@ both sides build identical tables on any machine. No torch here.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import detmath
@@ -49,6 +51,24 @@ def scale_table(minimum: float = SCALE_MIN, maximum: float = SCALE_MAX,
 
 
 SCALES = scale_table()
+# A model's table is SCALES × 2^shift, its "scale_shift" (a buffer in its weights, 0 when
+# absent). y/c with every step, μ and σ divided by c codes the same, so nothing fixes y's
+# scale and under Adam it drifts: gdn320's finest step grew from 1.9 to 56 in 58,000 steps and
+# 93 % of kodim01's σ sat at the table's top, where training's clamp gives them no gradient.
+# Training moves the shift with the finest step instead (train.follow_latent_scale), so the
+# table keeps its place around the latent without touching the weights (rescaling y instead
+# changed the layers around it by 7x, and both runs that did it worsened by the step).
+SCALE_REFERENCE_STEP = 8.0  # finest mean step the base table suits (-r5, -r6: 7-8)
+
+
+def scale_shift_for(finest_step: float, current: int) -> int:
+    """The shift for a latent whose finest layer's mean step is `finest_step`: the nearest
+    octave from SCALE_REFERENCE_STEP, never below 0 (models below it, the pu designs among
+    them, keep the base table), moved only once the step is 0.75 octave away (no flapping)."""
+    exact = math.log2(finest_step / SCALE_REFERENCE_STEP)
+    if abs(exact - current) <= 0.75:
+        return current
+    return max(0, round(exact))
 _SCALE_EDGES = np.sqrt(SCALES[1:] * SCALES[:-1])  # geometric midpoints between table entries
 
 
@@ -271,13 +291,12 @@ def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True)
     return np.where(coded, np.where(ok, mean, midpoint), 0.0)
 
 
-def first_layer_priority(scale_index: np.ndarray, step_units: np.ndarray, unit: np.ndarray,
+def first_layer_priority(sigma_units: np.ndarray, step_units: np.ndarray, unit: np.ndarray,
                          offset: np.ndarray | None = None) -> np.ndarray:
     """Layer-1 key (same meaning as refinement_priority) for a uniform grid on N(0, σ),
     computed on the cells within ±6σ (±64 at most) of each row's mean. Meant for a table of
     (scale, channel) pairs, not for every element. Rows are computed in groups of equal
     width: most need a few cells, and 129 for every row cost 0.75 s of each start-up."""
-    sigma_units = SCALES[scale_index] / unit
     cells = np.minimum(64, np.ceil(6 * sigma_units / step_units) + 2).astype(np.int64)
     keys = np.zeros(len(cells), np.int64)
     for count in np.unique(cells):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .export import STATE_KEYS, export_checkpoint, export_model, export_weights, machine_name, save_atomic
+from .quant import scale_shift_for
 from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_config, parse_setting, rewarmed
 
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
@@ -229,6 +230,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         print(f"started from weights {init_weights} (step {state['step']}) with a fresh optimizer",
               file=log)
     hold_steps(model, config, log)
+    follow_latent_scale(model, config, log)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     average = None
@@ -240,6 +242,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if saved_average is not None:
             average.load_state_dict(saved_average)
             hold_steps(average.module, config, log)
+        follow_latent_scale(average.module, config)
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
     host = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
     autocast = config.autocast and native
@@ -368,8 +371,10 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                     aux_loss.backward()
                     aux_optimizer.step()
             hold_steps(model, config)
+            follow_latent_scale(model, config, log)
             if average is not None:
                 average.update_parameters(model)
+                follow_latent_scale(average.module, config)
 
             state["step"] += 1
             state["images"] += len(batch)  # crops, whatever the layers per crop
@@ -444,6 +449,22 @@ def hold_steps(model, config: TrainConfig, log=None):
     not just the steps (shifting the log-steps alone made the quantizer finer against y at
     every update, and both runs that did it diverged)."""
     hold_finest_step(model, config.finest_step, log)
+
+
+def follow_latent_scale(model, config: TrainConfig, log=None):
+    """After every update: move σ's table (the model's scale_shift) to the octave of its
+    finest mean step (quant.scale_shift_for). Not when only the synthesis trains: there every
+    layer's bytes must stay as they are."""
+    if config.train_only == "synthesis":
+        return
+    finest = math.exp(float(model.log_steps.detach()[-1].mean()))
+    shift = int(model.scale_shift)
+    new = scale_shift_for(finest, shift)
+    if new != shift:
+        model.scale_shift.fill_(new)
+        if log is not None:
+            print(f"σ's table moved to 2^{new} × its base (finest mean step {finest:.3g})",
+                  file=log, flush=True)
 
 
 def hold_finest_step(model, finest_step: float, log=None):

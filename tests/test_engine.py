@@ -31,6 +31,27 @@ def test_prior_scale_saturation_is_the_share_of_scales_at_the_tables_top(model, 
     assert prior_scale_saturation(model, sample_stream) == 1.0
 
 
+def test_a_table_shifted_by_2_to_the_k_snaps_sigma_scaled_by_2_to_the_k(model, sample_image):
+    import dataclasses
+
+    from pcodec import inference
+
+    M = model.config["M"]
+    weight, bias = model.state["h_s.4.weight"].copy(), model.state["h_s.4.bias"].copy()
+    weight[:M] *= 8  # the scales' half: every σ exactly 8x
+    bias[:M] *= 8
+    state = {**model.state, "h_s.4.weight": weight, "h_s.4.bias": bias,
+             "scale_shift": np.array(3.0, np.float32)}
+    shifted = dataclasses.replace(model, state=state,
+                                  hyper_synthesis=inference.hyper_synthesis(state))
+    _, z_hat = engine.analyse(model, sample_image[:128, :192])
+    for ours, theirs in zip(coding._prior(model, z_hat), coding._prior(shifted, z_hat)):
+        assert np.array_equal(ours, theirs)  # μ, the scale indexes, the fragile elements
+    assert shifted.scale_shift == 3 and np.array_equal(shifted.scales, 8 * model.scales)
+    image = synthetic_image(48, 64)
+    assert engine.decode(shifted, engine.encode(shifted, image)).shape == image.shape
+
+
 def test_byte_cuts_never_lower_quality(model, sample_image, sample_stream):
     smallest = len(container.truncate(sample_stream, layers=0)) // 2
     budgets = np.unique(np.geomspace(smallest, len(sample_stream), 12).astype(int))

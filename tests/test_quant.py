@@ -96,6 +96,17 @@ def test_conditional_mean_lies_inside_its_interval():
     assert (np.abs(value[coded]) <= np.abs(mid[coded]) + 1e-9).all()
 
 
+def test_the_scale_shift_is_the_octave_of_the_finest_step_with_hysteresis():
+    reference = quant.SCALE_REFERENCE_STEP
+    assert quant.scale_shift_for(reference, 0) == 0
+    assert quant.scale_shift_for(56.2, 0) == 3  # gdn320 at step 74,026
+    assert quant.scale_shift_for(reference * 2 ** 0.7, 0) == 0  # not yet 0.75 octave away
+    assert quant.scale_shift_for(reference * 2 ** 0.8, 0) == 1
+    assert quant.scale_shift_for(reference * 2 ** 2.3, 3) == 3  # back 0.7: stays
+    assert quant.scale_shift_for(reference / 16, 0) == 0  # never below the base table
+    assert quant.scale_shift_for(reference / 16, 2) == 0
+
+
 def test_scale_snapping_is_monotone():
     sigma = np.exp(np.linspace(-5, 6, 1000))
     index = quant.scale_indexes(sigma)

@@ -226,6 +226,29 @@ def test_training_sees_the_coders_scale_range():
     assert float(scales.max()) == SCALE_MAX
 
 
+def test_the_scale_table_follows_the_latent_and_travels_with_the_weights(tmp_path):
+    from pcodec import quant
+    from pcodec.network import SCALE_MAX, HyperpriorNetwork, NetworkConfig
+
+    config = recipes.CONFIGS["tiny"]
+    model = HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=3))
+    with torch.no_grad():
+        model.log_steps[-1].fill_(np.log(56.0))  # a latent grown 7x past the base table's
+        model.h_s[-1].bias.fill_(1e4)
+    train.follow_latent_scale(model, config)
+    assert int(model.scale_shift) == 3
+    with torch.no_grad():
+        _, scales = model.prior(torch.zeros(1, 16, 2, 2))
+    assert float(scales.max()) == SCALE_MAX * 8  # training clamps where the coder's table ends
+    train.follow_latent_scale(model, replace(config, train_only="synthesis"))
+    assert int(model.scale_shift) == 3  # a synthesis-only run never moves it: bytes stay
+    export.export_weights(model, config, {"step": 0}, tmp_path / "w.pt")
+    weights = load_weights_file(tmp_path / "w.pt")
+    assert weights.scale_shift == 3 and np.array_equal(weights.scales, quant.SCALES * 8)
+    old = {k: v for k, v in model.state_dict().items() if k != "scale_shift"}
+    HyperpriorNetwork(NetworkConfig(N=16, M=24, layers=3)).load_state_dict(old)  # weights before it
+
+
 def test_an_anchored_finest_step_holds_the_scale_of_y(photos, tmp_path):
     config = replace(recipes.CONFIGS["tiny"], checkpoint_every=3, threads=1, finest_step=2.5)
     model, _ = train.train(config, photos, tmp_path / "run", 3, None, None)
