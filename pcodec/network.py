@@ -24,10 +24,10 @@ from .quant import RECONSTRUCTION_SPREAD, SCALE_MAX, SCALE_MIN, SLIVER
 from .transforms import build_transforms
 
 # The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64, × 2^shift
-# since 2026-12-05: quant.scale_shift_for). Training
-# once clamped only from below: nothing fixes the scale of y (y/c, steps/c, μ/c, σ/c code the
-# same), it drifted up at lr 1e-4, and by step 56,200 80 % of kodim01's σ were above 64, where
-# the coder snaps them to 64: real files got worse while the training loss held.
+# since 2026-12-05: quant.scale_shift_for). Training once clamped only from below: nothing
+# fixes the scale of y (y/c, steps/c, μ/c, σ/c code the same), it drifted up at lr 1e-4, and
+# by step 56,200 80 % of kodim01's σ were above 64, where the coder snaps them to 64: real
+# files got worse while the training loss held.
 LIKELIHOOD_MIN = 1e-9
 PU_LATENT_GAIN = 8.0
 SHORTCUT_PENALTY_WEIGHT = 0.1  # AuxT (Li et al., ICLR 2025): ‖WWᵀ − I‖² at weight 0.1
@@ -219,7 +219,7 @@ class HyperpriorNetwork(nn.Module):
         """Mean and scale of the conditional Gaussian of y given the hyper-latent."""
         params = self.h_s(z_hat).float()
         scales, means = params.chunk(2, 1)
-        factor = 2.0 ** float(self.scale_shift)
+        factor = torch.exp2(self.scale_shift)  # a tensor: no device sync on a GPU
         return means, torch.clamp(torch.abs(scales), min=SCALE_MIN * factor, max=SCALE_MAX * factor)
 
     def analyse(self, x: torch.Tensor, autocast: bool = True):

@@ -51,6 +51,8 @@ def scale_table(minimum: float = SCALE_MIN, maximum: float = SCALE_MAX,
 
 
 SCALES = scale_table()
+_SCALE_EDGES = np.sqrt(SCALES[1:] * SCALES[:-1])  # geometric midpoints between table entries
+
 # A model's table is SCALES × 2^shift, its "scale_shift" (a buffer in its weights, 0 when
 # absent). y/c with every step, μ and σ divided by c codes the same, so nothing fixes y's
 # scale and under Adam it drifts: gdn320's finest step grew from 1.9 to 56 in 58,000 steps and
@@ -69,7 +71,6 @@ def scale_shift_for(finest_step: float, current: int) -> int:
     if abs(exact - current) <= 0.75:
         return current
     return max(0, round(exact))
-_SCALE_EDGES = np.sqrt(SCALES[1:] * SCALES[:-1])  # geometric midpoints between table entries
 
 
 def scale_indexes(sigma: np.ndarray) -> np.ndarray:
