@@ -3,9 +3,11 @@ float64 (both sides must snap σ alike) and the synthesis g_s in float32. Decodi
 torch, which was 2.1 s of a 2.5 s decode call.
 
 Arrays are channels-last (H, W, C), so every convolution is a few large matrix products on
-numpy's BLAS. A 5x5 stride-2 transposed convolution is run as a 3x3 convolution to 4x the
-channels and a pixel shuffle (the same sums; transforms.SubPixelDeconv in torch). The layers
-mirror transforms.build_transforms; a test checks both designs against torch.
+numpy's BLAS. A 5x5 stride-2 transposed convolution is run phase by phase: each of the four
+output phases reads 3 or 2 input rows and columns (25 taps in all, where a 3x3 convolution to
+4x the channels and a pixel shuffle, transforms.SubPixelDeconv in torch, computes 36 with 11
+of them zero). The layers mirror transforms.build_transforms; a test checks both designs
+against torch.
 """
 
 from __future__ import annotations
@@ -81,6 +83,51 @@ def subpixel_weight(weight: np.ndarray, dtype) -> np.ndarray:
     return result.reshape(3, 3, cin, cout * 4).astype(dtype)
 
 
+def phase_weights(weight: np.ndarray, dtype) -> dict:
+    """A 5x5 stride-2 transposed convolution's (Cin, Cout, 5, 5), padding 2 and output
+    padding 1, as the blocks deconv5x5 multiplies: for output column phase b and tap row dy,
+    (taps·Cin, row phases·Cout), the taps those phases read (out[2r + a] sums
+    x[r + d]·w[a + 2 − 2d]: phase 0 reads d = −1, 0, 1, phase 1 only d = 0, 1)."""
+    cin, cout = weight.shape[:2]
+    blocks = {}
+    for b in range(2):
+        columns = (0, 1, 2) if b == 0 else (1, 2)  # dx = d + 1
+        for dy in range(3):
+            row_phases = (0,) if dy == 0 else (0, 1)
+            block = np.zeros((len(columns), cin, len(row_phases), cout), np.float64)
+            for i, dx in enumerate(columns):
+                for j, a in enumerate(row_phases):
+                    block[i, :, j, :] = weight[:, :, a + 4 - 2 * dy, b + 4 - 2 * dx]
+            blocks[b, dy] = np.ascontiguousarray(
+                block.reshape(len(columns) * cin, len(row_phases) * cout), dtype)
+    return blocks
+
+
+def deconv5x5(x: np.ndarray, blocks: dict, bias: np.ndarray) -> np.ndarray:
+    """The transposed convolution of phase_weights' blocks: x (H, W, Cin) → (2H, 2W, Cout).
+
+    The taps are laid out as in conv3x3 (three horizontal taps side by side, tap row dy a
+    contiguous slab); column phase 1 skips the first tap's Cin columns, and tap row 0 feeds
+    row phase 0 only: six matrix products of 25 taps in all."""
+    height, width, channels = x.shape
+    outputs = len(bias)
+    row = width + 2
+    padded = np.zeros((height + 3, row, channels), x.dtype)
+    padded[1:height + 1, 1:width + 1] = x
+    flat = padded.reshape(-1, channels)
+    count = height * row
+    taps = np.concatenate([flat[dx:dx + count + 2 * row] for dx in range(3)], axis=1)
+    out = np.empty((height, 2, width, 2, outputs), x.dtype)
+    for b in range(2):
+        first = 0 if b == 0 else channels
+        both = np.matmul(taps[row:row + count, first:], blocks[b, 1])  # [a = 0 | a = 1]
+        both += np.matmul(taps[2 * row:2 * row + count, first:], blocks[b, 2])
+        both[:, :outputs] += np.matmul(taps[:count, first:], blocks[b, 0])
+        out[:, :, :, b] = both.reshape(height, row, 2, outputs)[:, :width].transpose(0, 2, 1, 3)
+    out += bias
+    return out.reshape(2 * height, 2 * width, outputs)
+
+
 # erf(z) = 1 − t·(a1 + t·(a2 + … + t·a5))·exp(−z²), t = 1/(1 + p·z), z ≥ 0: Abramowitz and
 # Stegun 7.1.26, |error| ≤ 1.5e-7, float32's own resolution (scipy.special.erf in float32 is
 # no closer to the float64 GELU: 4.5e-7 at most either way). Importing scipy.special took
@@ -139,9 +186,12 @@ def _conv(state, key, dtype):
 
 
 def _deconv(state, key, dtype):
-    weight = subpixel_weight(state[key + ".weight"], dtype)
-    bias = np.repeat(state[key + ".bias"].astype(dtype), 4)
-    return lambda x: pixel_shuffle(conv3x3(x, weight, bias), 2)
+    weight, bias = state[key + ".weight"], state[key + ".bias"].astype(dtype)
+    if 4 * len(bias) <= FEW_OUTPUTS:  # to pixels: conv3x3's one product beats six thin ones
+        subpixel = subpixel_weight(weight, dtype)
+        return lambda x: pixel_shuffle(conv3x3(x, subpixel, np.repeat(bias, 4)), 2)
+    blocks = phase_weights(weight, dtype)
+    return lambda x: deconv5x5(x, blocks, bias)
 
 
 def _leaky_relu(x):
