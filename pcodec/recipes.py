@@ -69,12 +69,6 @@ class TrainConfig:
     # Each crop also at the finest layer, beside its layers_per_crop − 1 sampled ones (the
     # ladder stage from a base: the finest layer's quality stays anchored).
     keep_finest: bool = False
-    # Each crop's λ·MSE + bpp divided by its layer's running mean loss (times the mean over
-    # layers, so the scale stays): every layer then pulls on the shared weights by its
-    # relative change, which is what a BD-rate (an average of log-rate gaps) counts. Plain
-    # λ·MSE + bpp gave gdn320's finest layer 26x the coarsest one's pull (8.5 against 0.33
-    # at step 92,000), and its coarse layers were its worst against JPEG 2000.
-    layer_balance: bool = False
     # bf16 transforms, fp32 entropy models — only where the CPU has native bf16: on an AMD
     # EPYC without AVX-512 (2026-12-02) a step of 4 × 256² took 23.7 s with it, 2.95 s without.
     autocast: bool = True

@@ -116,42 +116,15 @@ class PatchSampler:
         return out
 
 
-def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas, weights=None):
-    """Per-image λ·255²·MSE + bpp (times `weights`, if given) averaged over the batch; also
-    returns the parts."""
+def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas):
+    """Per-image λ·255²·MSE + bpp averaged over the batch; also returns the parts."""
     import torch
 
     pixels = x.shape[2] * x.shape[3]
     bits = (-torch.log2(y_likelihoods).sum((1, 2, 3)) - torch.log2(z_likelihoods).sum((1, 2, 3)))
     bpp = bits / pixels
     mse = ((x - x_hat) ** 2).mean((1, 2, 3))
-    per_image = lambdas * 255**2 * mse + bpp
-    if weights is not None:
-        per_image = per_image * weights
-    return per_image.mean(), bpp.detach(), mse.detach()
-
-
-LAYER_LOSS_DECAY = 0.99  # running mean of each layer's loss (config.layer_balance)
-
-
-def layer_weights(layer_loss: list, layer_of):
-    """Weights that give each layer's crops the same pull: mean(L̄) / L̄ of the crop's layer,
-    1 for a layer not yet seen."""
-    import torch
-
-    seen = [v for v in layer_loss if v is not None]
-    scale = float(np.mean(seen)) if seen else 1.0
-    table = torch.tensor([scale / v if v is not None else 1.0 for v in layer_loss])
-    return table.to(layer_of.device)[layer_of - 1]
-
-
-def update_layer_loss(layer_loss: list, layer_of, per_image_loss):
-    """Running mean of each layer's λ·MSE + bpp over the crops drawn at it (in place)."""
-    for layer in set(layer_of.tolist()):
-        mean = float(per_image_loss[layer_of == layer].mean())
-        old = layer_loss[layer - 1]
-        layer_loss[layer - 1] = mean if old is None else (
-            LAYER_LOSS_DECAY * old + (1 - LAYER_LOSS_DECAY) * mean)
+    return (lambdas * 255**2 * mse + bpp).mean(), bpp.detach(), mse.detach()
 
 
 def load_optimizer_state(optimizer, params, saved: dict):
@@ -360,12 +333,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                                        config.layers_per_crop, config.keep_finest).to(device)
                 x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast)
                 batch_lambdas = lambdas_all[layer_of - 1]
-                weights = None
-                if config.layer_balance:
-                    layer_loss = state.setdefault("layer_loss", [None] * len(config.lambdas))
-                    weights = layer_weights(layer_loss, layer_of)
                 loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
-                                         z_lik, batch_lambdas, weights)
+                                         z_lik, batch_lambdas)
             if not synthesis_only:
                 loss = loss + model.shortcut_penalty().to(loss.device)
             optimizer.zero_grad(set_to_none=True)
@@ -401,9 +370,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 if torch.isfinite(aux_loss):
                     aux_loss.backward()
                     aux_optimizer.step()
-            if config.layer_balance and not (synthesis_only or base_stage):
-                update_layer_loss(state["layer_loss"], layer_of.cpu(),
-                                  (batch_lambdas * 255**2 * mse + bpp).cpu())
             hold_steps(model, config)
             follow_latent_scale(model, config, log)
             if average is not None:
@@ -447,9 +413,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                     "grad_norm_median_max": [round(float(np.median(window["grad_norm"])), 4),
                                              round(max(window["grad_norm"]), 4)],
                     "bad_batches_skipped": state.get("skipped", 0),
-                    **({"layer_loss_mean": [round(v, 4) for v in state["layer_loss"]
-                                            if v is not None]}
-                       if "layer_loss" in state else {}),
                 }
                 earlier = [r["loss"] for r in state["history"]
                            if (r.get("stage"), r.get("objective")) == (record.get("stage"),

@@ -383,23 +383,6 @@ def test_training_at_every_layer_of_each_crop_logs_every_layer(photos, tmp_path)
     assert all(np.isfinite(record["psnr"])) and all(b > 0 for b in record["bpp"])
 
 
-def test_balanced_layers_weigh_each_crop_by_its_layers_running_loss(photos, tmp_path):
-    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, layers_per_crop=8,
-                     batch=1, layer_balance=True)
-    _, state = train.train(config, photos, tmp_path / "run", 2, None, None)
-    means = state["layer_loss"]
-    assert state["history"][-1]["layer_loss_mean"] == [round(v, 4) for v in means]
-    assert all(v > 0 for v in means) and len(set(means)) == 8
-    # Weighted, every layer's running loss is the same: the mean over layers.
-    weighted = train.layer_weights(means, torch.arange(1, 9)) * torch.tensor(means)
-    assert torch.allclose(weighted, torch.full((8,), float(np.mean(means)), dtype=weighted.dtype))
-    # The running mean moves toward a layer's new losses, and only that layer's.
-    moved = list(means)
-    train.update_layer_loss(moved, torch.tensor([3, 3]), torch.tensor([1.0, 3.0]) * means[2])
-    assert moved[2] == pytest.approx(means[2] * (1 + 1 - train.LAYER_LOSS_DECAY))
-    assert moved[:2] + moved[3:] == means[:2] + means[3:]
-
-
 @pytest.mark.parametrize("design", ["pu", "pux"])
 def test_the_two_stages_of_the_pu_designs_train_and_code_real_streams(photos, tmp_path, design):
     """Base stage (single rate, the unit grid) then the ladder from its exported weights; each
