@@ -84,10 +84,22 @@ def _first_layer_keys(model: LoadedModel, scale_index: np.ndarray, channel: np.n
 
 def _first_layer_rows(model: LoadedModel, state: LatentState, elements: np.ndarray) -> np.ndarray:
     """The layer-1 table (2R+1 symbol probabilities) of each of these elements."""
+    channel = state.channel[elements]
     return _per_scale_and_channel(model, "_first_layer_tables", lambda scales, channels: (
         quant.interval_probabilities(quant.first_layer_bounds(model.int_steps[0][channels]),
                                      model.scales[scales] / model.unit[channels])),
-        state.scale_index[elements], state.channel[elements])
+        coding_scale_index(model, 0, state.scale_index[elements], channel), channel)
+
+
+def coding_scale_index(model: LoadedModel, layer: int, scale_index: np.ndarray,
+                       channel: np.ndarray) -> np.ndarray:
+    """The σ a layer codes with: the prior's snapped scale moved by the model's per-layer,
+    per-channel offset in table steps (calibration.py; none in weights made before them).
+    The reconstruction keeps the prior's own σ."""
+    if model.scale_offsets is None:
+        return scale_index
+    shifted = scale_index + model.scale_offsets[layer][channel]
+    return np.clip(shifted, 0, len(quant.SCALES) - 1).astype(scale_index.dtype)
 
 
 PRIOR_BAND = 8  # h_s runs on bands of 8 ẑ rows (32 latent rows) ...
@@ -224,7 +236,8 @@ def _decode_excess(decoder: entropy.Decoder, count: int) -> np.ndarray:
 # chunk, and the chunk's intervals updated before the next chunk, so memory stays bounded.
 
 def _first_layer_order(model: LoadedModel, state: LatentState) -> np.ndarray:
-    return quant.coding_order(_first_layer_keys(model, state.scale_index, state.channel))
+    scale_index = coding_scale_index(model, 0, state.scale_index, state.channel)
+    return quant.coding_order(_first_layer_keys(model, scale_index, state.channel))
 
 
 def _distinct_rows(channel, scale_index, lower, upper):
@@ -281,7 +294,9 @@ def _distinct_tables(model: LoadedModel, state: LatentState, layer: int, element
     counts, stretched = quant.split_counts(lower, upper, step)
     width = int(counts.max()) if len(counts) else 1
     bounds = quant.split_bounds(lower, upper, step, counts, stretched, width)
-    probabilities = quant.interval_probabilities(bounds, state.sigma_units(model, rows))
+    scale_index = coding_scale_index(model, layer, state.scale_index[rows], channel[first])
+    probabilities = quant.interval_probabilities(
+        bounds, model.scales[scale_index] / model.unit[channel[first]])
     return (bounds, counts, probabilities), rows, inverse
 
 

@@ -31,7 +31,8 @@ STATE_KEYS = ("step", "seconds", "gpu_seconds", "images", "history", "host_secon
 def export_weights(model, config: TrainConfig, state: dict, path: Path,
                    gain_data: Path | None = None):
     """Weights without optimizer state, plus what is needed to know how they were made.
-    With `gain_data` (a folder of photos), also the coding order's per-channel offsets."""
+    With `gain_data` (a folder of photos), also the coding order's per-channel offsets and
+    the σ offsets each layer codes with (calibration.py)."""
     import torch
 
     from .models import hyper_latent_table, load_weights_file
@@ -45,10 +46,14 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
                  default=float))}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
+        from .calibration import CALIBRATION_CROPS, fit_scale_offsets
         from .channel_gain import channel_gains, order_offsets, training_crops
 
-        gains = channel_gains(load_weights_file(path), training_crops(gain_data))
+        loaded = load_weights_file(path)
+        gains = channel_gains(loaded, training_crops(gain_data))
         saved["order_offsets"] = torch.from_numpy(order_offsets(gains))
+        crops = training_crops(gain_data, *CALIBRATION_CROPS)
+        saved["scale_offsets"] = torch.from_numpy(fit_scale_offsets(loaded, crops))
         save_atomic(saved, path)
 
 

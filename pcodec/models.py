@@ -90,6 +90,7 @@ class LoadedModel:
     z_table: np.ndarray  # (N, 2*Z_RANGE+1) integer frequencies
     config: dict
     order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys (weights since r4)
+    scale_offsets: np.ndarray | None = None  # (L, M) σ table steps each layer codes with
     _network: object = None
 
     @property
@@ -150,9 +151,14 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
         raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
     unit, int_steps = integer_steps(state["log_steps"].astype(np.float64))
     offsets = saved.get("order_offsets")  # absent in weights made before the offsets
+    scale_offsets = saved.get("scale_offsets")  # absent before the per-layer calibration
+    if scale_offsets is not None and np.shape(scale_offsets) != int_steps.shape:
+        raise RuntimeIOError(f"cannot load model weights {path}: scale offsets of shape "
+                             f"{np.shape(scale_offsets)}, not {int_steps.shape}")
     return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), state, synthesis,
                        hyper_synthesis, unit, int_steps, z_table.astype(np.int64), config,
-                       None if offsets is None else offsets.astype(np.int64))
+                       None if offsets is None else offsets.astype(np.int64),
+                       None if scale_offsets is None else scale_offsets.astype(np.int64))
 
 
 @lru_cache(maxsize=4)

@@ -252,6 +252,37 @@ def test_order_offsets_reorder_the_stream_without_changing_its_layers(model):
     assert (first == 5).all()
 
 
+def test_each_layer_codes_with_its_own_fitted_sigma_and_decodes_the_same_image(model):
+    """σ offsets per layer and channel (weights since the calibration) change the tables, not
+    the partition: every layer decodes to the same image, the decoder must apply them too, and
+    offsets fitted to an image code it in no more bytes than the prior's own σ and in fewer
+    than a miscalibrated one."""
+    from dataclasses import replace
+
+    from pcodec import calibration
+
+    image = synthetic_image(128, 128, seed=3)
+    shape = (model.layers, len(model.unit))
+    fitted = calibration.fit_scale_offsets(model, [image])
+    assert fitted.shape == shape and fitted.dtype == np.int64
+    variants = {"plain": model, "fitted": replace(model, scale_offsets=fitted),
+                "wide": replace(model, scale_offsets=np.full(shape, 5))}
+    streams = {name: engine.encode(variant, image) for name, variant in variants.items()}
+    assert len(streams["fitted"]) <= len(streams["plain"]) * 1.005
+    assert len(streams["fitted"]) < len(streams["wide"]) * 0.97
+    for layers in (1, 4, model.layers):
+        expected = engine.decode(model, streams["plain"], layers=layers)
+        for name in ("fitted", "wide"):
+            assert np.array_equal(engine.decode(variants[name], streams[name], layers=layers),
+                                  expected), (name, layers)
+    try:  # without the offsets the decoder reads other tables
+        misread = engine.decode(model, streams["wide"], layers=2)
+    except StreamError:
+        misread = None
+    assert misread is None or not np.array_equal(
+        misread, engine.decode(model, streams["plain"], layers=2))
+
+
 @pytest.mark.parametrize("far", [0, 1 << 40])  # 1 << 40: bounds too large to pack in one key
 def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model, far):
     """Tables are built once per distinct (channel, scale, interval) and shared; they must be

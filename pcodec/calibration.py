@@ -1,0 +1,65 @@
+"""The σ each layer codes with, fitted to the layer: per-layer, per-channel offsets in steps of
+the prior's scale table.
+
+The prior's σ is trained on the rate of the whole nested interval, which telescopes to the
+finest layer's, so nothing asks it to fit the coarse partitions. gdn320 (2026-12-05) coded
+layer 1 of kodim01 in 0.275 bpp with σ × 0.7 against 0.323 with σ itself: most layer-1
+elements fall in the zero cell, and a Gaussian σ fitted to heavy-tailed values is too wide for
+it. Each layer renormalises the prior to its parent interval, so a layer may code with any σ
+both sides agree on, and which sub-interval holds an element does not depend on σ: each
+layer's rate depends on its own offsets only, and each (layer, channel) offset is fitted
+apart, by the ideal code length of training crops through the coder's own partition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import coding, engine, quant
+
+# Fitted on centre crops of this many training photos, of this size (gdn320, 2026-12-05: 12
+# crops of 512² took 30 s and gave the per-layer gains measured on Kodak in docs/gdn320.md).
+CALIBRATION_CROPS = (12, 512)
+# Candidate offsets in table steps (one step: σ × 1.081): σ × 0.46 … × 1.6.
+OFFSETS = np.arange(-10, 7)
+_FAR = 1 << 40  # beyond any prior's reach, as layer 1's escape cells
+
+
+def layer_intervals(model, image: np.ndarray):
+    """Per layer: (channel, scale index, parent lower, parent upper, lower, upper) of the
+    elements that layer refines, through the coder's own partition (σ plays no part in it)."""
+    y, z_hat = engine.analyse(model, image)
+    state, _ = coding.new_state(model, z_hat)
+    y_units = (y - state.mu).reshape(-1) / model.unit[state.channel]
+    layers = []
+    for layer in range(model.layers):
+        lower, upper, coded = state.lower.copy(), state.upper.copy(), state.coded.copy()
+        coding.encode_layer(model, state, layer, y_units)
+        lower[~coded], upper[~coded] = -_FAR, _FAR
+        split = (state.lower != lower) | (state.upper != upper)
+        layers.append((state.channel[split], state.scale_index[split], lower[split], upper[split],
+                       state.lower[split], state.upper[split]))
+    return layers
+
+
+def code_lengths(model, channel, scale_index, parent_lower, parent_upper, lower, upper,
+                 offset: int) -> np.ndarray:
+    """Bits of each element's sub-interval given its parent, coded with σ moved by `offset`."""
+    index = np.clip(scale_index.astype(np.int64) + offset, 0, len(quant.SCALES) - 1)
+    bounds = np.stack([parent_lower, lower, upper, parent_upper], axis=1)
+    mass = quant.interval_probabilities(bounds, model.scales[index] / model.unit[channel])[:, 1]
+    return -np.log2(np.maximum(mass, 1e-300))
+
+
+def fit_scale_offsets(model, images: list[np.ndarray]) -> np.ndarray:
+    """(L, M) offsets minimising each layer's code length over the images, channel by channel
+    (0 where a channel is never refined)."""
+    channels = len(model.unit)
+    bits = np.zeros((model.layers, channels, len(OFFSETS)))
+    for image in images:
+        for layer, intervals in enumerate(layer_intervals(model, image)):
+            for k, offset in enumerate(OFFSETS):
+                lengths = code_lengths(model, *intervals, offset)
+                bits[layer, :, k] += np.bincount(intervals[0], lengths, minlength=channels)
+    best = OFFSETS[np.argmin(bits, axis=2)]
+    return np.where(bits.any(axis=2), best, 0).astype(np.int64)
