@@ -288,15 +288,15 @@ def _distinct_tables(model: LoadedModel, state: LatentState, layer: int, element
     channel, scale_index = state.channel[elements], state.scale_index[elements]
     first, inverse = _distinct_rows(channel, scale_index, state.lower[elements],
                                     state.upper[elements])
-    rows = elements[first]
-    step = model.int_steps[layer][channel[first]]
+    rows, row_channel = elements[first], channel[first]
+    step = model.int_steps[layer][row_channel]
     lower, upper = state.lower[rows], state.upper[rows]
     counts, stretched = quant.split_counts(lower, upper, step)
     width = int(counts.max()) if len(counts) else 1
     bounds = quant.split_bounds(lower, upper, step, counts, stretched, width)
-    scale_index = coding_scale_index(model, layer, state.scale_index[rows], channel[first])
+    scale_index = coding_scale_index(model, layer, scale_index[first], row_channel)
     probabilities = quant.interval_probabilities(
-        bounds, model.scales[scale_index] / model.unit[channel[first]])
+        bounds, model.scales[scale_index] / model.unit[row_channel])
     return (bounds, counts, probabilities), rows, inverse
 
 

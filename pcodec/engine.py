@@ -3,7 +3,6 @@ transforms (on tiles, in threads), the section coding (coding.py) and the contai
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from .coding import (
     encode_layer,
     new_state,
     plan_layer,
+    thread_count,
 )
 from .errors import StreamError, UsageError
 from .models import LoadedModel
@@ -80,7 +80,7 @@ def blas_single_threaded():
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        yield len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        yield thread_count()  # OMP_NUM_THREADS where set: `-j` workers share the cores
 
 
 def _splits(size: int, tile: int) -> list[tuple[int, int]]:
