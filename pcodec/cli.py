@@ -24,10 +24,6 @@ Exit codes:   0 done            1 runtime or I/O error (unreadable input, disk f
             130 interrupted (SIGINT), 129 (SIGHUP), 143 (SIGTERM): no output left half-written
 """
 WORKER_GRACE_SECONDS = 0.6  # a worker still busy after SIGTERM this long is killed
-# A Ctrl-C reaches the workers too, and one that dies of it breaks the pool, at times before
-# this process has run its own handler (exit 1 with BrokenProcessPool instead of 130, seen on
-# a loaded 2-core host): a broken pool waits this long for that signal before it counts.
-SIGNAL_GRACE_SECONDS = 0.5
 
 
 class Interrupted(BaseException):
@@ -85,7 +81,6 @@ class Batch:
             return
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
 
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         # The workers' share of the cores: numpy's BLAS and torch read OMP_NUM_THREADS when
@@ -98,15 +93,11 @@ class Batch:
         try:
             for future in futures:
                 self._report(*future.result())
-        except BaseException as error:
-            try:
-                if isinstance(error, BrokenProcessPool):
-                    time.sleep(SIGNAL_GRACE_SECONDS)  # a pending interrupt raises here
-            finally:
-                _stop_workers(pool)
-                for path, future in zip(inputs, futures):
-                    if not future.done() and outputs is not None:
-                        _remove_temporaries(outputs(path))
+        except BaseException:
+            _stop_workers(pool)
+            for path, future in zip(inputs, futures):
+                if not future.done() and outputs is not None:
+                    _remove_temporaries(outputs(path))
             raise
         pool.shutdown()
 
