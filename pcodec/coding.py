@@ -37,12 +37,17 @@ class LatentState:
     channel: np.ndarray  # (E,) channel of each element (flattened C, H, W order)
     lower: np.ndarray  # (E,) interval bounds in grid units; meaningful where coded
     upper: np.ndarray
-    coded: np.ndarray  # (E,) bool: element has an interval
+    depth: np.ndarray  # (E,) uint8: the layer (1-based) that set the interval; 0: none yet
+
+    @property
+    def coded(self) -> np.ndarray:
+        """(E,) bool: element has an interval."""
+        return self.depth > 0
 
     def copy(self) -> LatentState:
         """A copy whose intervals can be refined independently (the prior is shared)."""
         return LatentState(self.mu, self.scale_index, self.channel, self.lower.copy(),
-                           self.upper.copy(), self.coded.copy())
+                           self.upper.copy(), self.depth.copy())
 
     def sigma_units(self, model: LoadedModel, elements=slice(None)) -> np.ndarray:
         """Prior scale in grid units (from the snapped table value)."""
@@ -158,7 +163,7 @@ def new_state(model: LoadedModel, z_hat: np.ndarray, overrides=None):
     channel = np.repeat(np.arange(mu.shape[0], dtype=np.int32), mu.shape[1] * mu.shape[2])
     state = LatentState(mu=mu, scale_index=scale_index, channel=channel,
                         lower=np.zeros(count, np.int64), upper=np.zeros(count, np.int64),
-                        coded=np.zeros(count, bool))
+                        depth=np.zeros(count, np.uint8))
     return state, fragile
 
 
@@ -315,7 +320,7 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
         part = slice(start, start + CHUNK * 8)
         split = quant.splits(state.lower[part], state.upper[part],
                              model.int_steps[layer][state.channel[part]])
-        candidates.append(start + np.nonzero(state.coded[part] & split)[0])
+        candidates.append(start + np.nonzero((state.depth[part] > 0) & split)[0])
     candidates = np.concatenate(candidates)
     keep = len(candidates) <= TABLE_CACHE_ELEMENTS
 
@@ -414,7 +419,7 @@ def encode_layer(model: LoadedModel, state: LatentState, layer: int, y_units: np
     for elements, bounds, counts, probabilities in _layer_chunks(model, state, layer):
         symbols = quant.sub_interval_index(bounds, counts, y_units[elements])
         encoder.categorical(symbols, probabilities)
-        _apply_refinement(state, elements, bounds, symbols)
+        _apply_refinement(state, layer, elements, bounds, symbols)
     return encoder.finish()
 
 
@@ -452,7 +457,7 @@ def decode_layer(model: LoadedModel, state: LatentState, layer: int, data: bytes
         if complete and (symbols >= counts).any():
             raise StreamError(f"corrupt stream: impossible symbol in layer {layer + 1}")
         symbols = np.minimum(symbols, counts[: len(symbols)] - 1)
-        _apply_refinement(state, elements[: len(symbols)], bounds, symbols)
+        _apply_refinement(state, layer, elements[: len(symbols)], bounds, symbols)
         if len(symbols) < len(elements):
             break
 
@@ -460,11 +465,12 @@ def decode_layer(model: LoadedModel, state: LatentState, layer: int, data: bytes
 def _apply_first_layer(model, state, elements, q):
     lower, upper = quant.first_layer_interval(q, model.int_steps[0][state.channel[elements]])
     state.lower[elements], state.upper[elements] = lower, upper
-    state.coded[elements] = True
+    state.depth[elements] = 1
 
 
-def _apply_refinement(state, elements, bounds, symbols):
+def _apply_refinement(state, layer, elements, bounds, symbols):
     # Flat (row-major) positions into the bounds: 2x faster than indexing by (row, symbol).
     flat = np.arange(len(symbols)) * bounds.shape[1] + symbols
     state.lower[elements] = bounds.take(flat)
     state.upper[elements] = bounds.take(flat + 1)
+    state.depth[elements] = layer + 1

@@ -269,9 +269,13 @@ def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean
         y_hat = state.mu.reshape(-1).copy()
         for start in range(0, len(y_hat), CHUNK * 4):
             part = slice(start, start + CHUNK * 4)
+            depth, channel = state.depth[part], state.channel[part]
+            spread = quant.RECONSTRUCTION_SPREAD
+            if model.reconstruction_spreads is not None:
+                spread = model.reconstruction_spreads[np.maximum(depth, 1) - 1]
             y_star = quant.reconstruct(state.lower[part], state.upper[part],
-                                       state.sigma_units(model, part), state.coded[part],
-                                       conditional_mean) * model.unit[state.channel[part]]
+                                       state.sigma_units(model, part), depth > 0,
+                                       conditional_mean, spread) * model.unit[channel]
             y_hat[part] += y_star.astype(np.float32)
         # A damaged stream with valid CRCs can decode absurd values; keep them finite.
         y_hat = np.nan_to_num(y_hat, posinf=1e4, neginf=-1e4).clip(-1e4, 1e4)

@@ -32,7 +32,7 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
                    gain_data: Path | None = None):
     """Weights without optimizer state, plus what is needed to know how they were made.
     With `gain_data` (a folder of photos), also the coding order's per-channel offsets and
-    the σ offsets each layer codes with (calibration.py)."""
+    the σ offsets each layer codes with and the spreads it reconstructs with (calibration.py)."""
     import torch
 
     from .models import hyper_latent_table, load_weights_file
@@ -46,7 +46,7 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
                  default=float))}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
-        from .calibration import CALIBRATION_CROPS, fit_scale_offsets
+        from .calibration import CALIBRATION_CROPS, fit_reconstruction_spreads, fit_scale_offsets
         from .channel_gain import channel_gains, order_offsets, training_crops
 
         loaded = load_weights_file(path)
@@ -54,6 +54,7 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
         saved["order_offsets"] = torch.from_numpy(order_offsets(gains))
         crops = training_crops(gain_data, *CALIBRATION_CROPS)
         saved["scale_offsets"] = torch.from_numpy(fit_scale_offsets(loaded, crops))
+        saved["reconstruction_spreads"] = torch.from_numpy(fit_reconstruction_spreads(loaded, crops))
         save_atomic(saved, path)
 
 

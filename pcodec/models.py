@@ -91,6 +91,8 @@ class LoadedModel:
     config: dict
     order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys (weights since r4)
     scale_offsets: np.ndarray | None = None  # (L, M) σ table steps each layer codes with
+    # (L,) quant.reconstruct's spread for the intervals each layer sets (calibration.py)
+    reconstruction_spreads: np.ndarray | None = None
     _network: object = None
 
     @property
@@ -137,7 +139,7 @@ class LoadedModel:
 
 def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
     from . import inference, ptfile
-    from .quant import integer_steps
+    from .quant import RECONSTRUCTION_SPREADS, integer_steps
 
     path = Path(path)
     try:
@@ -155,10 +157,16 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
     if scale_offsets is not None and np.shape(scale_offsets) != int_steps.shape:
         raise RuntimeIOError(f"cannot load model weights {path}: scale offsets of shape "
                              f"{np.shape(scale_offsets)}, not {int_steps.shape}")
+    spreads = saved.get("reconstruction_spreads")  # absent before their calibration
+    if spreads is not None and (np.shape(spreads) != int_steps.shape[:1] or not np.all(
+            (0 <= spreads) & (spreads < len(RECONSTRUCTION_SPREADS)))):
+        raise RuntimeIOError(f"cannot load model weights {path}: reconstruction spreads of "
+                             f"shape {np.shape(spreads)}, not ({len(int_steps)},), or out of range")
     return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), state, synthesis,
                        hyper_synthesis, unit, int_steps, z_table.astype(np.int64), config,
                        None if offsets is None else offsets.astype(np.int64),
-                       None if scale_offsets is None else scale_offsets.astype(np.int64))
+                       None if scale_offsets is None else scale_offsets.astype(np.int64),
+                       None if spreads is None else RECONSTRUCTION_SPREADS[np.asarray(spreads)])
 
 
 @lru_cache(maxsize=4)

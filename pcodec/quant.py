@@ -37,6 +37,9 @@ MAX_SPLIT = 64  # most sub-intervals one split may produce (bounded by the step 
 # 1.25/1.5/2/3/midpoint gave -1.12/-1.55/-1.71/-1.48/-0.91 %): 24 Kodak images -1.29/-1.82/
 # -2.07/-1.92/-1.36 %. Pixels only: the stream and its probability tables do not use it.
 RECONSTRUCTION_SPREAD = 2.0
+# The spreads a weights file may choose per layer (calibration.py), by index;
+# inf is the interval's midpoint. Part of the weights format: append only.
+RECONSTRUCTION_SPREADS = np.array([1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, np.inf])
 
 
 _LN2 = 0.6931471805599453
@@ -262,16 +265,18 @@ def log_ndtr(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, log_tail, np.log1p(-np.exp(log_tail)))
 
 
-def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True) -> np.ndarray:
+def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True,
+                spread=RECONSTRUCTION_SPREAD) -> np.ndarray:
     """Value of y* (grid units) from its interval: the conditional mean inside the interval
-    under N(0, RECONSTRUCTION_SPREAD * sigma) (or the midpoint); elements never coded take
-    the prior mean 0."""
-    sigma_units = sigma_units * RECONSTRUCTION_SPREAD
+    under N(0, spread * sigma) (spread: a number or one per element; inf, or
+    conditional_mean False: the midpoint); elements never coded take the prior mean 0."""
     lower = lower.astype(np.float64)
     upper = upper.astype(np.float64)
     midpoint = (lower + upper) / 2
-    if not conditional_mean:
+    at_midpoint = ~np.isfinite(spread)
+    if not conditional_mean or np.all(at_midpoint):
         return np.where(coded, midpoint, 0.0)
+    sigma_units = sigma_units * np.where(at_midpoint, 1.0, spread)
     # E[x | a<x<b] for x ~ N(0, s) = s (φ(a) - φ(b)) / (Φ(b) - Φ(a)), all divided by Φ(b) in
     # the log domain (after mirroring to the negative side) so tail intervals stay finite.
     mirror = midpoint > 0
@@ -288,7 +293,7 @@ def reconstruct(lower, upper, sigma_units, coded, conditional_mean: bool = True)
     # log_ndtr's 1e-7 could put it ~5e-5 below in a narrow interval near the mean.
     mean = np.maximum(mean, -np.abs(midpoint))
     mean = np.where(mirror, -mean, mean)
-    ok = np.isfinite(mean) & (mean >= lower) & (mean <= upper)
+    ok = np.isfinite(mean) & (mean >= lower) & (mean <= upper) & ~at_midpoint
     return np.where(coded, np.where(ok, mean, midpoint), 0.0)
 
 

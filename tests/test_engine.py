@@ -283,6 +283,34 @@ def test_each_layer_codes_with_its_own_fitted_sigma_and_decodes_the_same_image(m
         misread, engine.decode(model, streams["plain"], layers=2))
 
 
+def test_reconstruction_spreads_change_the_image_never_the_stream(model, sample_image):
+    """Per-layer reconstruction spreads (weights since their calibration) are pixels only: the
+    stream is the same, the midpoint entry decodes as conditional_mean=False does, and each
+    layer's fitted spread leaves the fit image's error after that layer no higher than the
+    default spread would."""
+    from dataclasses import replace
+
+    from pcodec import calibration
+
+    image = synthetic_image(128, 128, seed=3)
+    fitted = calibration.fit_reconstruction_spreads(model, [image])
+    assert fitted.shape == (model.layers,)
+    with_spreads = replace(model, reconstruction_spreads=quant.RECONSTRUCTION_SPREADS[fitted])
+    assert engine.encode(with_spreads, sample_image) == engine.encode(model, sample_image)
+    data = engine.encode(model, image)
+    default = list(quant.RECONSTRUCTION_SPREADS).index(quant.RECONSTRUCTION_SPREAD)
+    midpoint = replace(model, reconstruction_spreads=np.full(model.layers, np.inf))
+    for layers in range(1, model.layers + 1):
+        assert np.array_equal(engine.decode(midpoint, data, layers=layers),
+                              engine.decode(model, data, layers=layers, conditional_mean=False))
+        other = fitted.copy()
+        other[layers - 1] = default
+        errors = [np.sum((engine.decode(replace(model, reconstruction_spreads=(
+            quant.RECONSTRUCTION_SPREADS[spreads])), data, layers=layers) - image.astype(float)) ** 2)
+            for spreads in (fitted, other)]
+        assert errors[0] <= errors[1], layers
+
+
 @pytest.mark.parametrize("far", [0, 1 << 40])  # 1 << 40: bounds too large to pack in one key
 def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model, far):
     """Tables are built once per distinct (channel, scale, interval) and shared; they must be

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, image_folder, synthetic_image
 
-from pcodec import engine, export, recipes, train
+from pcodec import engine, export, quant, recipes, train
 from pcodec.errors import RuntimeIOError
 from pcodec.evaluate import psnr
 from pcodec.models import load_weights_file
@@ -63,14 +63,19 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     assert weights.order_offsets.shape == weights.unit.shape
     assert weights.order_offsets.dtype == np.int64 and np.median(weights.order_offsets) == 0
     assert weights.scale_offsets.shape == (weights.layers, len(weights.unit))
+    assert np.isin(weights.reconstruction_spreads, quant.RECONSTRUCTION_SPREADS).all()
+    assert weights.reconstruction_spreads.shape == (weights.layers,)
     image = synthetic_image(40, 56, 5)
     decoded = engine.decode(weights, engine.encode(weights, image))
     assert decoded.shape == image.shape and np.isfinite(psnr(image, decoded))
-    saved = torch.load(models / "tiny-run.pt", weights_only=False)
-    saved["scale_offsets"] = saved["scale_offsets"][:, :3]  # a damaged file: a clear error
-    torch.save(saved, tmp_path / "damaged.pt")
-    with pytest.raises(RuntimeIOError, match="damaged.pt: scale offsets of shape"):
-        load_weights_file(tmp_path / "damaged.pt")
+    for key, damage, message in (
+            ("scale_offsets", lambda v: v[:, :3], "scale offsets of shape"),
+            ("reconstruction_spreads", lambda v: v + 100, "reconstruction spreads .* out of range")):
+        saved = torch.load(models / "tiny-run.pt", weights_only=False)
+        saved[key] = damage(saved[key])  # a damaged file: a clear error
+        torch.save(saved, tmp_path / "damaged.pt")
+        with pytest.raises(RuntimeIOError, match=f"damaged.pt: {message}"):
+            load_weights_file(tmp_path / "damaged.pt")
 
 
 def test_a_resumed_run_climbs_back_to_a_higher_rate_gradually(photos, tmp_path):
