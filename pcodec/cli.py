@@ -164,7 +164,10 @@ def _worker_setup(parent: int):
     if os.getppid() != parent:  # the parent died before that was set
         os._exit(143)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, _worker_signal)
+        # A signal the parent was started ignoring (SIGINT in a shell's background job) the
+        # workers ignore too: else a Ctrl-C the parent rightly ignores would kill them alone.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _worker_signal)
 
 
 def _worker_signal(signum, frame):
@@ -555,9 +558,11 @@ def train(ctx):
 
 def run():
     """Entry point: no traceback ever reaches the user. SIGTERM and SIGHUP end the process
-    as Ctrl-C does: every temporary removed, every worker stopped, exit 128 + the signal."""
+    as Ctrl-C does: every temporary removed, every worker stopped, exit 128 + the signal. A
+    signal ignored when pcodec starts (nohup's SIGHUP, a background job's SIGINT) stays so."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(signum, _raise_interrupted)
     try:
         main(standalone_mode=False)
     except click.exceptions.Exit as done:

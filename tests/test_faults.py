@@ -25,11 +25,12 @@ def run_pcodec(*args, cwd, stdout=subprocess.PIPE, **options):
                           **options)
 
 
-def start_pcodec(*args, cwd):
-    # A process group of its own: it holds the parent and every worker.
+def start_pcodec(*args, cwd, sigint=signal.SIG_DFL):
+    # A process group of its own: it holds the parent and every worker. SIGINT as a
+    # foreground Ctrl-C finds it, whatever this suite inherited (a background job ignores it).
     return subprocess.Popen([sys.executable, "-m", "pcodec", *map(str, args)], cwd=cwd, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            process_group=0)
+                            process_group=0, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def group_alive(pgid: int) -> bool:
@@ -141,6 +142,20 @@ def test_a_signal_at_a_random_moment_leaves_whole_outputs_or_none(tmp_path, imag
     assert b"Traceback" not in stderr and b"leaked" not in stderr, stderr
     assert not [name for name in left if name.endswith(".tmp")], left
     assert all(whole_stream(out / name) for name in left), left
+
+
+def test_a_batch_started_ignoring_ctrl_c_ignores_it_in_every_worker(tmp_path, images):
+    """A shell's background job starts with SIGINT ignored: a Ctrl-C to the group must then
+    leave the parent and its workers alike running to the end, not kill the workers alone."""
+    out = tmp_path / "out"
+    process = start_pcodec("encode", *sorted(images.iterdir()), "-o", out, "-j", 2,
+                           cwd=tmp_path, sigint=signal.SIG_IGN)
+    time.sleep(3.0)  # the workers have started and are coding
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == len(list(images.iterdir())) and all(whole_stream(out / n) for n in left)
 
 
 def test_two_decodes_racing_for_one_default_name_never_clobber(tmp_path):
