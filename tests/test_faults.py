@@ -25,12 +25,17 @@ def run_pcodec(*args, cwd, stdout=subprocess.PIPE, **options):
                           **options)
 
 
-def start_pcodec(*args, cwd, sigint=signal.SIG_DFL):
-    # A process group of its own: it holds the parent and every worker. SIGINT as a
-    # foreground Ctrl-C finds it, whatever this suite inherited (a background job ignores it).
+def start_pcodec(*args, cwd, ignoring=None):
+    # A process group of its own: it holds the parent and every worker. Signals as a
+    # foreground job finds them, whatever this suite inherited (a background job ignores
+    # SIGINT), but for the one it is to start `ignoring`.
+    def signals():
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN if signum == ignoring else signal.SIG_DFL)
+
     return subprocess.Popen([sys.executable, "-m", "pcodec", *map(str, args)], cwd=cwd, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            process_group=0, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+                            process_group=0, preexec_fn=signals)
 
 
 def group_alive(pgid: int) -> bool:
@@ -144,14 +149,16 @@ def test_a_signal_at_a_random_moment_leaves_whole_outputs_or_none(tmp_path, imag
     assert all(whole_stream(out / name) for name in left), left
 
 
-def test_a_batch_started_ignoring_ctrl_c_ignores_it_in_every_worker(tmp_path, images):
-    """A shell's background job starts with SIGINT ignored: a Ctrl-C to the group must then
-    leave the parent and its workers alike running to the end, not kill the workers alone."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_a_batch_started_ignoring_a_signal_ignores_it_in_every_worker(tmp_path, images, signum):
+    """A shell's background job starts with SIGINT ignored, a nohup one with SIGHUP: that
+    signal to the whole group must then leave the parent and its workers alike running to the
+    end (not kill the workers alone, or the parent)."""
     out = tmp_path / "out"
     process = start_pcodec("encode", *sorted(images.iterdir()), "-o", out, "-j", 2,
-                           cwd=tmp_path, sigint=signal.SIG_IGN)
+                           cwd=tmp_path, ignoring=signum)
     time.sleep(3.0)  # the workers have started and are coding
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     left = sorted(p.name for p in out.iterdir())
