@@ -104,10 +104,10 @@ $(PHOTOS)/images/.ok: | $(STAMP)
 bench-photos: $(STAMP) $(PHOTOS)/images/.ok  ## RD on 4 photos nobody tuned to (scikit-image's)
 	$(BIN)/pcodec bench $(PHOTOS)/images -o $(PHOTOS)
 
-train: $(STAMP)  ## train (resumes from ~/.cache/pcodec/runs/hp128) with Kodak evaluation
+train: $(STAMP)  ## train the default's recipe (resumes from ~/.cache/pcodec/runs/gdn320) with Kodak evaluation
 	@test -d $(TRAIN) || { echo "make: no training photos in TRAIN=$(TRAIN): set TRAIN=DIR"; exit 2; }
 	$(NEED_KODAK)
-	$(BIN)/pcodec train --config hp128 --data $(TRAIN) --kodak $(KODAK)
+	$(BIN)/pcodec train --config gdn320 --data $(TRAIN) --kodak $(KODAK)
 
 fuzz: $(STAMP)  ## long decoder fuzz run (100 000 mutated streams)
 	OMP_NUM_THREADS=1 $(BIN)/python tests/fuzzing.py --cases 100000

@@ -547,7 +547,7 @@ def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="pcodec train", description="Train a pcodec model.")
-    parser.add_argument("--config", default="hp128", choices=sorted(CONFIGS))
+    parser.add_argument("--config", default="gdn320", choices=sorted(CONFIGS))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/train"))
     parser.add_argument("--kodak", type=Path, default=None)
     parser.add_argument("--run-dir", type=Path, default=None,

@@ -41,13 +41,14 @@ def test_a_table_shifted_by_2_to_the_k_snaps_sigma_scaled_by_2_to_the_k(model, s
     weight[:M] *= 8  # the scales' half: every σ exactly 8x
     bias[:M] *= 8
     state = {**model.state, "h_s.4.weight": weight, "h_s.4.bias": bias,
-             "scale_shift": np.array(3.0, np.float32)}
+             "scale_shift": np.array(model.scale_shift + 3.0, np.float32)}
     shifted = dataclasses.replace(model, state=state,
                                   hyper_synthesis=inference.hyper_synthesis(state))
     _, z_hat = engine.analyse(model, sample_image[:128, :192])
     for ours, theirs in zip(coding._prior(model, z_hat), coding._prior(shifted, z_hat)):
         assert np.array_equal(ours, theirs)  # μ, the scale indexes, the fragile elements
-    assert shifted.scale_shift == 3 and np.array_equal(shifted.scales, 8 * model.scales)
+    assert shifted.scale_shift == model.scale_shift + 3
+    assert np.array_equal(shifted.scales, 8 * model.scales)
     image = synthetic_image(48, 64)
     assert engine.decode(shifted, engine.encode(shifted, image)).shape == image.shape
 
@@ -108,7 +109,8 @@ def test_tiled_transforms_match_untiled(model):
     with torch.no_grad():
         whole = model.network.analysis(x)
         pieces = tiled(model.network.analysis, x, 1 / 16, tile=5, margin=4)
-        assert torch.allclose(whole, pieces, atol=1e-4)
+        size = whole.abs().max()  # float32 rounding grows with y (up to ~2000 at M = 320)
+        assert torch.allclose(whole / size, pieces / size, atol=1e-6)
         y = whole[:, :, :, :]
         assert torch.allclose(model.network.synthesis(y),
                               tiled(model.network.synthesis, y, 16, tile=6, margin=4), atol=1e-4)
@@ -328,13 +330,14 @@ def test_tables_built_once_per_distinct_interval_equal_tables_per_element(model,
     for array in (channel, scale_index, lower, upper):
         array[duplicate] = array[source[duplicate]]
     state = coding.LatentState(np.zeros((channels, 1, 1), np.float32), scale_index, channel,
-                               lower, upper, np.ones(count, bool))
+                               lower, upper, np.ones(count, np.uint8))
     elements = np.arange(count)
     shared = coding._refinement_tables(model, state, 2, elements)
     step = model.int_steps[2][channel]
     counts, stretched = quant.split_counts(lower, upper, step)
     bounds = quant.split_bounds(lower, upper, step, counts, stretched, int(counts.max()))
-    probabilities = quant.interval_probabilities(bounds, state.sigma_units(model, elements))
+    coded_with = coding.coding_scale_index(model, 2, scale_index, channel)  # the layer's own σ
+    probabilities = quant.interval_probabilities(bounds, model.scales[coded_with] / model.unit[channel])
     assert counts.max() == quant.MAX_SPLIT and stretched.any()
     for mine, theirs in zip(shared, (bounds, counts, probabilities)):
         assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
