@@ -14,6 +14,8 @@ CPU_TORCH ?= torch==2.13.0
 # `make bench KODAK=~/kodak`, `make train TRAIN=~/photos`.
 KODAK  ?= ../shared/data/kodak
 TRAIN  ?= ../shared/data/train
+# Steps of encode-time refinement for pcodec's streams in the RD benchmarks (`make bench REFINE=40`).
+REFINE ?= 0
 NEED_KODAK = @test -d $(KODAK) || { echo "make: no benchmark images in KODAK=$(KODAK): \
   set KODAK=DIR to a folder of images (the 24 Kodak PNGs for the README's figures)"; exit 2; }
 DEMO   := demo-output
@@ -64,7 +66,7 @@ bench-tools:  ## install the peer codecs from Debian packages (needs root)
 
 bench: $(STAMP)  ## RD + speed of pcodec and the peers on Kodak -> bench-output/
 	$(NEED_KODAK)
-	$(BIN)/pcodec bench $(KODAK) -o bench-output
+	$(BIN)/pcodec bench $(KODAK) --refine $(REFINE) -o bench-output
 
 bench-cuts: $(STAMP)  ## pcodec alone, 120 byte cuts per Kodak stream -> bench-cuts-output/
 	$(NEED_KODAK)
@@ -102,7 +104,7 @@ $(PHOTOS)/images/.ok: | $(STAMP)
 	touch $@
 
 bench-photos: $(STAMP) $(PHOTOS)/images/.ok  ## RD on 4 photos nobody tuned to (scikit-image's)
-	$(BIN)/pcodec bench $(PHOTOS)/images -o $(PHOTOS)
+	$(BIN)/pcodec bench $(PHOTOS)/images --refine $(REFINE) -o $(PHOTOS)
 
 train: $(STAMP)  ## train the default's recipe (resumes from ~/.cache/pcodec/runs/gdn320) with Kodak evaluation
 	@test -d $(TRAIN) || { echo "make: no training photos in TRAIN=$(TRAIN): set TRAIN=DIR"; exit 2; }

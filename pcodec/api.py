@@ -38,16 +38,17 @@ def _pixels(image):
 
 
 def encode(image, layers: int | None = None, model: str | None = None,
-           device: str = "cpu") -> bytes:
+           device: str = "cpu", refine: int = 0) -> bytes:
     """A .pcb stream of an image (array, Pillow image or path); `layers` codes only the first
-    K layers; `model` is an id from models/manifest.json (default: the shipped default)."""
+    K layers; `model` is an id from models/manifest.json (default: the shipped default);
+    `refine` gradient steps on the image's latent (smaller files, slower encoding)."""
     from . import engine
     from .errors import UsageError
 
     loaded = _model(model, device)
     if layers is not None and not 1 <= layers <= loaded.layers:
         raise UsageError(f"layers={layers}: the model has {loaded.layers} layers")
-    return engine.encode(loaded, _pixels(image), layers)
+    return engine.encode(loaded, _pixels(image), layers, refine)
 
 
 def _stream_model(data: bytes, device: str):

@@ -334,14 +334,15 @@ PEERS = [Jpeg2000Layered(), Jpeg2000(), ProgressiveJpeg(), JpegXL(), WebP(), Avi
 
 # -- pcodec --------------------------------------------------------------------------------
 
-def pcodec_rows(model, image: np.ndarray, cuts: int):
+def pcodec_rows(model, image: np.ndarray, cuts: int, refine: int = 0):
     """Rows for every layer of one stream and for prefixes of it cut at log-spaced byte
-    offsets (the bytes a client that stopped there received), sharing the decoding work."""
+    offsets (the bytes a client that stopped there received), sharing the decoding work;
+    the stream encoded with `refine` steps (pcodec encode --refine)."""
     from . import container, engine
 
     pixels = image.shape[0] * image.shape[1]
     start = time.perf_counter()
-    data = engine.encode(model, image)
+    data = engine.encode(model, image, refine=refine)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     engine.decode(model, data)
@@ -369,10 +370,11 @@ def pcodec_rows(model, image: np.ndarray, cuts: int):
 # -- the run -------------------------------------------------------------------------------
 
 def run_bench(folder: Path, out_dir: Path, limit: int | None, cuts: int, codecs: list[str] | None,
-              progress=True, reuse: Path | None = None) -> dict:
+              progress=True, reuse: Path | None = None, refine: int = 0) -> dict:
     """RD rows of every selected codec on every image; with `reuse`, the other codecs' rows
     for the same images come from an earlier bench.json (the peers are deterministic: after
-    new weights, `--codec pcodec --reuse` re-runs 8 of the 23 minutes)."""
+    new weights, `--codec pcodec --reuse` re-runs 8 of the 23 minutes). pcodec's streams are
+    encoded with `refine` steps (recorded in the result)."""
     from PIL import Image
 
     from . import models
@@ -401,7 +403,7 @@ def run_bench(folder: Path, out_dir: Path, limit: int | None, cuts: int, codecs:
             Image.fromarray(image).save(source)
             if run_pcodec:
                 start = time.perf_counter()
-                for row in pcodec_rows(model, image, cuts):
+                for row in pcodec_rows(model, image, cuts, refine):
                     codec = "pcodec" if row.pop("kind") == "layer" else "pcodec (byte cuts)"
                     rows.append({"image": path.name, "codec": codec, **row})
                 seconds["pcodec"] = seconds.get("pcodec", 0.0) + time.perf_counter() - start
@@ -437,6 +439,7 @@ def run_bench(folder: Path, out_dir: Path, limit: int | None, cuts: int, codecs:
     result["bench_seconds"] = {name: round(value, 1) for name, value in seconds.items()}
     result["images"] = [p.name for p in files]
     result["folder"] = str(folder)
+    result["pcodec_refine"] = refine if run_pcodec else None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps({**result, "rows": rows}, indent=1) + "\n")
     plot(result, out_dir / "rd.png")
@@ -531,6 +534,8 @@ def table(result: dict) -> str:
             f"| {name} | {cell(matrix[name].get(REFERENCE))} | {cell(matrix[name].get(SECOND_REFERENCE))} "
             f"| {min(curve['bpp']):.3f}–{max(curve['bpp']):.3f} | {min(curve['psnr']):.2f}–"
             f"{max(curve['psnr']):.2f} | {curve['encode_s']:.3f} | {curve['decode_s']:.3f} |")
+    if result.get("pcodec_refine"):
+        lines.append(f"\npcodec streams encoded with --refine {result['pcodec_refine']}")
     cuts = result.get("pcodec_cuts") or {}
     if cuts.get("bd_rate_cuts_vs_layers_percent_mean") is not None:
         lines.append(

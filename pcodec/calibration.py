@@ -33,7 +33,6 @@ CALIBRATION_CROPS = (12, 512)
 # Candidate offsets in table steps (one step: σ × 1.081): σ × 0.46 … × 1.6.
 OFFSETS = np.arange(-10, 7)
 _FAR = 1 << 40  # beyond any prior's reach, as layer 1's escape cells
-_DEFAULT_SPREAD = int(np.nonzero(quant.RECONSTRUCTION_SPREADS == quant.RECONSTRUCTION_SPREAD)[0][0])
 
 
 def layer_intervals(model, image: np.ndarray):
@@ -85,7 +84,7 @@ def fit_reconstruction_spreads(model, images: list[np.ndarray]) -> np.ndarray:
         y, z_hat = engine.analyse(model, image)
         state, _ = coding.new_state(model, z_hat)
         states.append((image, state, (y - state.mu).reshape(-1) / model.unit[state.channel]))
-    chosen = np.full(model.layers, _DEFAULT_SPREAD, np.int64)
+    chosen = np.full(model.layers, quant.DEFAULT_SPREAD_INDEX, np.int64)
     for layer in range(model.layers):
         errors = np.zeros(len(quant.RECONSTRUCTION_SPREADS))
         for image, state, y_units in states:

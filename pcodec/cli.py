@@ -313,13 +313,17 @@ def _quiet(obj: dict, quiet: bool) -> bool:
               help="At most N bytes per file (the stream is cut there, as truncate does).")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="At most B bits per pixel per file (the same cut, sized per image).")
+@click.option("--refine", type=click.IntRange(min=0, max=10000), default=0, show_default=True,
+              metavar="STEPS", help="Refine each image's latent by STEPS gradient steps: "
+              "smaller files for the same quality at every layer, about 0.8 s per step for a "
+              "768x512 image on 2 cores (40 steps: about 6 % fewer bits on Kodak).")
 @max_pixels_option
 @force_option
 @device_option
 @jobs_option
 @quiet_option
 @click.pass_obj
-def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, max_pixels, force,
+def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, refine, max_pixels, force,
            device, jobs, quiet):
     """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
     if max_bytes is not None and bpp is not None:
@@ -328,13 +332,13 @@ def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, max_pixels, fo
     _prepare_folder(output, len(inputs))
     batch = Batch(quiet, len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_encode_one, inputs, output, len(inputs), model_id, layers, max_pixels,
-                  force, quiet, device, max_bytes, bpp,
+                  force, quiet, device, max_bytes, bpp, refine,
                   outputs=lambda path: _output_for(path, output, len(inputs), ".pcb"))
     batch.finish()
 
 
 def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
-                device="cpu", max_bytes=None, bpp=None) -> str:
+                device="cpu", max_bytes=None, bpp=None, refine=0) -> str:
     from . import engine, models
     from .imageio import check_free, read_image, write_bytes
     from .imageio import max_pixels as pixel_limit
@@ -348,7 +352,7 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
     model = models.load(model_id, device)
     if layers is not None and layers > model.layers:
         raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
-    data = engine.encode(model, pixels, layers)
+    data = engine.encode(model, pixels, layers, refine)
     height, width = pixels.shape[:2]
     if bpp is not None:
         max_bytes = int(bpp * width * height / 8)
@@ -524,7 +528,9 @@ def info(obj, inputs, as_json, partial, max_pixels, quiet):
 @click.option("--nesting", is_flag=True,
               help="Measure instead what the nested quantizer costs against a plain uniform "
                    "one at the same PSNR (ideal code lengths; slow: ~40 s per Kodak image).")
-def bench(folder, out_dir, limit, cuts, codecs, reuse, speed, nesting):
+@click.option("--refine", type=click.IntRange(min=0, max=10000), default=0, show_default=True,
+              metavar="STEPS", help="Encode pcodec's streams with --refine STEPS.")
+def bench(folder, out_dir, limit, cuts, codecs, reuse, speed, nesting, refine):
     """Rate–distortion and speed of pcodec and the classical codecs on a folder of images."""
     from . import bench as bench_module
 
@@ -539,7 +545,7 @@ def bench(folder, out_dir, limit, cuts, codecs, reuse, speed, nesting):
         click.echo(f"\n{out_dir}/nesting.json")
         return
     result = bench_module.run_bench(folder, out_dir, limit, cuts, list(codecs) or None,
-                                    progress=sys.stderr.isatty(), reuse=reuse)
+                                    progress=sys.stderr.isatty(), reuse=reuse, refine=refine)
     click.echo(bench_module.table(result))
     for codec, source in sorted(result["reused_from"].items()):
         click.echo(f"{codec}: rows reused from {source}")

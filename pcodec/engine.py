@@ -172,23 +172,31 @@ def _release_freed_memory():
         trim(0)
 
 
-def analyse(model: LoadedModel, image: np.ndarray):
-    """Analysis transforms: y and the rounded hyper-latent ẑ of an (H, W, 3) uint8 image."""
+def analyse(model: LoadedModel, image: np.ndarray, refine: int = 0, layers: int | None = None):
+    """Analysis transforms: y and the rounded hyper-latent ẑ of an (H, W, 3) uint8 image;
+    `refine` steps of refine.refine on y, for a stream of `layers` layers."""
     torch = _torch()
     x = torch.from_numpy(pad_image(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         y = tiled(model.network.analysis, x, 1 / 16, margin=model.margin,
                   parallel=model.on_cpu)
+        if refine:
+            from .refine import refine as refine_latent
+
+            y = refine_latent(model, x, y, refine, layers)
         del x
         with single_threaded():  # small, and thread-count independent like the rest
             z = model.network.h_a(y)
     return y[0].double().numpy(), np.round(z[0].numpy()).astype(np.int64)
 
 
-def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None) -> bytes:
+def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None,
+           refine: int = 0) -> bytes:
+    """The stream of an image (its first `layers` layers), its latent refined by `refine`
+    gradient steps (refine.py; 0: the analysis transform's own)."""
     height, width = image.shape[:2]
     with stage("analysis transforms"):
-        y, z_hat = analyse(model, image)
+        y, z_hat = analyse(model, image, refine, layers)
     with stage("prior (h_s, float64)"):
         state, fragile = new_state(model, z_hat)
     with stage("hyper-latent coding"):
@@ -270,9 +278,7 @@ def _reconstruct_latent(model: LoadedModel, state: LatentState, conditional_mean
         for start in range(0, len(y_hat), CHUNK * 4):
             part = slice(start, start + CHUNK * 4)
             depth, channel = state.depth[part], state.channel[part]
-            spread = quant.RECONSTRUCTION_SPREAD
-            if model.reconstruction_spreads is not None:
-                spread = model.reconstruction_spreads[np.maximum(depth, 1) - 1]
+            spread = model.reconstruction_spreads[np.maximum(depth, 1) - 1]
             y_star = quant.reconstruct(state.lower[part], state.upper[part],
                                        state.sigma_units(model, part), depth > 0,
                                        conditional_mean, spread) * model.unit[channel]

@@ -91,7 +91,8 @@ class LoadedModel:
     config: dict
     order_offsets: np.ndarray | None = None  # (M,) added to coding-order keys (weights since r4)
     scale_offsets: np.ndarray | None = None  # (L, M) σ table steps each layer codes with
-    # (L,) quant.reconstruct's spread for the intervals each layer sets (calibration.py)
+    # (L,) quant.reconstruct's spread for the intervals each layer sets (calibration.py;
+    # quant.RECONSTRUCTION_SPREAD for every layer in weights made before it)
     reconstruction_spreads: np.ndarray | None = None
     _network: object = None
 
@@ -139,7 +140,7 @@ class LoadedModel:
 
 def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
     from . import inference, ptfile
-    from .quant import RECONSTRUCTION_SPREADS, integer_steps
+    from .quant import DEFAULT_SPREAD_INDEX, RECONSTRUCTION_SPREADS, integer_steps
 
     path = Path(path)
     try:
@@ -166,7 +167,8 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
                        hyper_synthesis, unit, int_steps, z_table.astype(np.int64), config,
                        None if offsets is None else offsets.astype(np.int64),
                        None if scale_offsets is None else scale_offsets.astype(np.int64),
-                       None if spreads is None else RECONSTRUCTION_SPREADS[np.asarray(spreads)])
+                       RECONSTRUCTION_SPREADS[np.full(len(int_steps), DEFAULT_SPREAD_INDEX)
+                                              if spreads is None else np.asarray(spreads)])
 
 
 @lru_cache(maxsize=4)

@@ -14,12 +14,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-with warnings.catch_warnings():
-    # compressai's import emits a torch.jit deprecation warning that users should not see.
-    warnings.simplefilter("ignore")
-    from compressai.entropy_models import EntropyBottleneck
-    from compressai.layers import GDN
-
 from .quant import RECONSTRUCTION_SPREAD, SCALE_MAX, SCALE_MIN, SLIVER
 from .transforms import build_transforms
 
@@ -54,8 +48,9 @@ def gaussian_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.erfc(-x * (2**-0.5))
 
 
-def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """E[x | lower < x < upper] for x ~ N(0, RECONSTRUCTION_SPREAD * sigma): what the decoder
+def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor,
+                     spread: float = RECONSTRUCTION_SPREAD) -> torch.Tensor:
+    """E[x | lower < x < upper] for x ~ N(0, spread * sigma): what the decoder
     reconstructs (torch mirror of quant.reconstruct; mirrored to the negative side and
     normalised by Φ(b) in the log domain so that tail intervals stay finite).
 
@@ -69,7 +64,7 @@ def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tens
     the cancellation multiplies by b/σ)."""
     dtype = lower.dtype
     lower, upper = lower.double(), upper.double()
-    sigma = sigma.double() * RECONSTRUCTION_SPREAD
+    sigma = sigma.double() * spread
     midpoint = (lower + upper) / 2
     mirror = midpoint > 0
     a = torch.where(mirror, -upper, lower) / sigma
@@ -168,6 +163,14 @@ class HyperpriorNetwork(nn.Module):
     others have reached (a cut inside a layer mixes elements of two layers)."""
 
     def __init__(self, config: NetworkConfig = NetworkConfig()):
+        # Imported here: the quantizer's functions above also serve encode-time refinement
+        # (refine.py), in the codec-only install that has no compressai.
+        with warnings.catch_warnings():
+            # compressai's import emits a torch.jit deprecation warning users should not see.
+            warnings.simplefilter("ignore")
+            from compressai.entropy_models import EntropyBottleneck
+            from compressai.layers import GDN
+
         super().__init__()
         self.config = config
         N, M, L = config.N, config.M, config.layers

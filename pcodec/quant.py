@@ -40,6 +40,8 @@ RECONSTRUCTION_SPREAD = 2.0
 # The spreads a weights file may choose per layer (calibration.py), by index;
 # inf is the interval's midpoint. Part of the weights format: append only.
 RECONSTRUCTION_SPREADS = np.array([1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, np.inf])
+# RECONSTRUCTION_SPREAD's index: what weights without their own spreads use
+DEFAULT_SPREAD_INDEX = int(np.flatnonzero(RECONSTRUCTION_SPREADS == RECONSTRUCTION_SPREAD)[0])
 
 
 _LN2 = 0.6931471805599453

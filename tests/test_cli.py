@@ -228,6 +228,16 @@ def test_usage_errors_exit_2(workdir):
     assert pcodec("frobnicate", cwd=workdir).exit_code == 2
 
 
+def test_encode_refine_writes_a_different_stream_that_decodes(workdir):
+    assert pcodec("encode", "img.png", "-o", "plain.pcb", cwd=workdir).exit_code == 0
+    assert pcodec("encode", "img.png", "--refine", "2", "-o", "refined.pcb",
+                  cwd=workdir).exit_code == 0
+    assert (workdir / "refined.pcb").read_bytes() != (workdir / "plain.pcb").read_bytes()
+    assert pcodec("decode", "refined.pcb", "-o", "out.png", cwd=workdir).exit_code == 0
+    assert Image.open(workdir / "out.png").size == Image.open(workdir / "img.png").size
+    assert pcodec("encode", "img.png", "--refine", "-1", "-o", "x.pcb", cwd=workdir).exit_code == 2
+
+
 def test_encode_to_a_byte_budget_equals_encode_then_truncate(workdir):
     assert pcodec("encode", "img.png", "-o", "full.pcb", cwd=workdir).exit_code == 0
     assert pcodec("truncate", "full.pcb", "--bytes", "3000", "-o", "cut.pcb",

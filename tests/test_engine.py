@@ -300,13 +300,12 @@ def test_reconstruction_spreads_change_the_image_never_the_stream(model, sample_
     with_spreads = replace(model, reconstruction_spreads=quant.RECONSTRUCTION_SPREADS[fitted])
     assert engine.encode(with_spreads, sample_image) == engine.encode(model, sample_image)
     data = engine.encode(model, image)
-    default = list(quant.RECONSTRUCTION_SPREADS).index(quant.RECONSTRUCTION_SPREAD)
     midpoint = replace(model, reconstruction_spreads=np.full(model.layers, np.inf))
     for layers in range(1, model.layers + 1):
         assert np.array_equal(engine.decode(midpoint, data, layers=layers),
                               engine.decode(model, data, layers=layers, conditional_mean=False))
         other = fitted.copy()
-        other[layers - 1] = default
+        other[layers - 1] = quant.DEFAULT_SPREAD_INDEX
         errors = [np.sum((engine.decode(replace(model, reconstruction_spreads=(
             quant.RECONSTRUCTION_SPREADS[spreads])), data, layers=layers) - image.astype(float)) ** 2)
             for spreads in (fitted, other)]
