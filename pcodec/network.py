@@ -49,10 +49,11 @@ def gaussian_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tensor,
-                     spread: float = RECONSTRUCTION_SPREAD) -> torch.Tensor:
+                     spread=RECONSTRUCTION_SPREAD) -> torch.Tensor:
     """E[x | lower < x < upper] for x ~ N(0, spread * sigma): what the decoder
     reconstructs (torch mirror of quant.reconstruct; mirrored to the negative side and
-    normalised by Φ(b) in the log domain so that tail intervals stay finite).
+    normalised by Φ(b) in the log domain so that tail intervals stay finite). `spread`: a
+    number or a tensor broadcast over the elements; inf: the interval's midpoint.
 
     Computed in float64, as the coder does. An interval hundreds of σ out in the tail (a
     confidently wrong prior: σ 0.04–0.1 and y* 80–450, seen in the 2026-12-02 run) puts -b²/2
@@ -64,7 +65,9 @@ def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tens
     the cancellation multiplies by b/σ)."""
     dtype = lower.dtype
     lower, upper = lower.double(), upper.double()
-    sigma = sigma.double() * spread
+    spread = torch.as_tensor(spread, dtype=torch.float64, device=lower.device)
+    at_midpoint = ~torch.isfinite(spread)
+    sigma = sigma.double() * torch.where(at_midpoint, 1.0, spread)
     midpoint = (lower + upper) / 2
     mirror = midpoint > 0
     a = torch.where(mirror, -upper, lower) / sigma
@@ -76,7 +79,7 @@ def conditional_mean(lower: torch.Tensor, upper: torch.Tensor, sigma: torch.Tens
                - torch.exp(-0.5 * b * b - half_log_2pi - log_norm))
     mean = sigma * density / mass.clamp(min=1e-12)
     mean = torch.where(mirror, -mean, mean)
-    ok = torch.isfinite(mean) & (mean >= lower) & (mean <= upper)
+    ok = torch.isfinite(mean) & (mean >= lower) & (mean <= upper) & ~at_midpoint
     return torch.where(ok, mean, midpoint).to(dtype)
 
 

@@ -58,7 +58,7 @@ def _refine_tile(model: LoadedModel, x, y, iterations: int, layers: int):
     M = y.shape[1]
     steps = torch.from_numpy(model.int_steps * model.unit[None, :]).float()  # (L, M), y units
     lambdas = torch.tensor(model.config["lambdas"], dtype=torch.float32)
-    spreads = model.reconstruction_spreads
+    spreads = torch.from_numpy(model.reconstruction_spreads)
     smallest, largest = float(model.scales[0]), float(model.scales[-1])
     z_bits = _z_code_lengths(model.z_table)
     # Adam on y in units of each channel's finest step, so that one rate suits every model
@@ -84,10 +84,8 @@ def _refine_tile(model: LoadedModel, x, y, iterations: int, layers: int):
         lower, upper = nested_intervals(y_star, steps, chosen)
         slide = y_star - y_star.detach()
         mass = torch.clamp(interval_mass(lower + slide, upper + slide, sigma), min=1e-9)
-        reconstruction = torch.stack([
-            (lower[k] + upper[k]) / 2 if not np.isfinite(spreads[layer - 1])
-            else conditional_mean(lower[k], upper[k], sigma[k], float(spreads[layer - 1]))
-            for k, layer in enumerate(chosen.tolist())])
+        reconstruction = conditional_mean(lower, upper, sigma,
+                                          spreads[chosen - 1].view(-1, 1, 1, 1))
         x_hat = net.synthesis(mu + reconstruction + slide)
         bits = -torch.log2(mass).sum((1, 2, 3)) + _z_rate(z, z_bits)
         mse = ((x_hat - x) ** 2).mean((1, 2, 3))
