@@ -43,7 +43,8 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
     saved = {"model": state_dict, "z_table": z_table, "config": asdict(config),
              "state": json.loads(json.dumps(
                  {k: state[k] for k in STATE_KEYS if k in state},
-                 default=float))}
+                 default=float)),
+             "reconstruction_spreads": model.reconstruction_spreads.clone()}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
         from .calibration import CALIBRATION_CROPS, fit_reconstruction_spreads, fit_scale_offsets
@@ -86,6 +87,8 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
     average = {k.removeprefix("module."): v for k, v in checkpoint.get("ema", {}).items()
                if k != "n_averaged"}
     model.load_state_dict(average or checkpoint["model"])
+    if "reconstruction_spreads" in checkpoint:
+        model.reconstruction_spreads = checkpoint["reconstruction_spreads"]
     export_weights(model, config, checkpoint["state"], path, gain_data)
 
 

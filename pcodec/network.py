@@ -14,7 +14,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .quant import RECONSTRUCTION_SPREAD, SCALE_MAX, SCALE_MIN, SLIVER
+from .quant import (
+    DEFAULT_SPREAD_INDEX,
+    RECONSTRUCTION_SPREAD,
+    RECONSTRUCTION_SPREADS,
+    SCALE_MAX,
+    SCALE_MIN,
+    SLIVER,
+    integer_steps,
+)
 from .transforms import build_transforms
 
 # The prior's σ is clamped to the coder's scale table (quant.SCALES: 0.04 … 64, × 2^shift
@@ -161,9 +169,10 @@ class HyperpriorNetwork(nn.Module):
 
     DeepHQ also learns a dequantization gain per layer and channel on top of midpoint
     reconstruction; here the decoder reconstructs at the conditional mean inside the interval
-    (under a widened prior, quant.RECONSTRUCTION_SPREAD) and training sees exactly that, so
-    no gains are needed and an element's reconstruction does not depend on which layer the
-    others have reached (a cut inside a layer mixes elements of two layers)."""
+    under a widened prior, or at its midpoint (each layer's spread: reconstruction_spreads
+    below), and training sees exactly that, so no gains are needed and an element's
+    reconstruction does not depend on which layer the others have reached (a cut inside a
+    layer mixes elements of two layers)."""
 
     def __init__(self, config: NetworkConfig = NetworkConfig()):
         # Imported here: the quantizer's functions above also serve encode-time refinement
@@ -185,6 +194,12 @@ class HyperpriorNetwork(nn.Module):
         # σ's range is the coder's table × 2^scale_shift (quant.scale_shift_for); a buffer,
         # so that it travels with the weights. Weights made before it load as 0.
         self.register_buffer("scale_shift", torch.zeros(()))
+        # The spread each layer's intervals reconstruct with, as indexes into
+        # quant.RECONSTRUCTION_SPREADS: the default for every layer until export fits them
+        # (calibration.py); train.py sets those of the weights it starts from, so that a
+        # fine-tune sees the reconstruction the decoder makes. Not a parameter or buffer:
+        # weights files keep them beside the state dict.
+        self.reconstruction_spreads = torch.full((L,), DEFAULT_SPREAD_INDEX, dtype=torch.long)
         if config.design in ("pu", "pux"):
             # At PyTorch's default initialisation the pu analysis gives y of std ~0.1, almost
             # all of it rounded to 0 on the unit grid, and Adam takes thousands of steps to
@@ -200,6 +215,18 @@ class HyperpriorNetwork(nn.Module):
 
     def steps(self) -> torch.Tensor:
         return torch.exp(self.log_steps)
+
+    def decoder_steps(self) -> torch.Tensor:
+        """The steps the codec codes with: the learned ones on each channel's integer grid
+        (quant.integer_steps). Where the steps are frozen (train_only=synthesis), the
+        intervals are then the decoder's own."""
+        unit, int_steps = integer_steps(self.log_steps.detach().double().cpu().numpy())
+        return torch.from_numpy(int_steps * unit).float().to(self.log_steps.device)
+
+    def spreads_of(self, layer_of: torch.Tensor) -> torch.Tensor:
+        """The reconstruction spread of each row's layer, (rows, 1, 1, 1); inf: midpoint."""
+        values = torch.from_numpy(RECONSTRUCTION_SPREADS)[self.reconstruction_spreads]
+        return values.to(layer_of.device)[layer_of - 1].view(-1, 1, 1, 1)
 
     def shortcut_penalty(self) -> torch.Tensor:
         """AuxT's orthogonality loss on the wavelet shortcuts' projections (pux), weighted
@@ -261,7 +288,7 @@ class HyperpriorNetwork(nn.Module):
         y_likelihoods = torch.clamp(
             interval_mass(lower + slide, upper + slide, scales), min=LIKELIHOOD_MIN)
         # Distortion: the decoder's reconstruction, the conditional mean in the interval.
-        y_hat = means + conditional_mean(lower, upper, scales) + slide
+        y_hat = means + conditional_mean(lower, upper, scales, self.spreads_of(layer_of)) + slide
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat)
         return x_hat.float(), y_likelihoods, z_likelihoods
@@ -286,19 +313,25 @@ class HyperpriorNetwork(nn.Module):
 
         The encoder, prior and steps fixed, every layer's bytes are fixed too, so the loss is
         distortion only and whatever it gains is PSNR at the same rate."""
-        with torch.no_grad():
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-                y = self.g_a(x)
-                z = self.h_a(y)
-                means, scales = self.prior(torch.round(z.float()))
-            y_star = (y.float() - means).repeat(len(layers), 1, 1, 1)
-            means, scales = means.repeat(len(layers), 1, 1, 1), scales.repeat(len(layers), 1, 1, 1)
-            layer_of = layers.repeat_interleave(x.shape[0])
-            lower, upper = nested_intervals(y_star, self.steps(), layer_of)
-            y_hat = means + conditional_mean(lower, upper, scales)
+        y_hat, layer_of = self.decoded_latents(x, layers, autocast)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat.contiguous(memory_format=torch.channels_last))
         return x_hat.float(), layer_of
+
+    @torch.no_grad()
+    def decoded_latents(self, x: torch.Tensor, layers: torch.Tensor, autocast: bool = True):
+        """ŷ of every image of x at each of `layers` as the decoder reconstructs it: ẑ
+        rounded, the codec's integer steps, each layer's reconstruction spread. (K·B, M, h, w)
+        and the layer of each row."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = self.g_a(x)
+            z = self.h_a(y)
+            means, scales = self.prior(torch.round(z.float()))
+        y_star = (y.float() - means).repeat(len(layers), 1, 1, 1)
+        means, scales = means.repeat(len(layers), 1, 1, 1), scales.repeat(len(layers), 1, 1, 1)
+        layer_of = layers.repeat_interleave(x.shape[0])
+        lower, upper = nested_intervals(y_star, self.decoder_steps(), layer_of)
+        return means + conditional_mean(lower, upper, scales, self.spreads_of(layer_of)), layer_of
 
     def aux_loss(self) -> torch.Tensor:
         return self.entropy_bottleneck.loss()

@@ -36,9 +36,10 @@ def cases():
     return [("a", TEST_MODEL_ID, 37, 53, 1, [{}, {"layers": 2}, {"max_bytes": 220}]),
             ("b", TEST_MODEL_ID, 1, 1, 2, [{}]),
             ("c", TEST_MODEL_ID, 70, 9, 3, [{}, {"layers": 0}]),
-            # the shipped gdn5 models': -r6, and the default at M = 320
+            # the shipped gdn5 models': -r6, and those at M = 320
             ("hp128-dhq8-r6", "hp128-dhq8-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            ("gdn320-r2", "gdn320-r2", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:

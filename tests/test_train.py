@@ -354,6 +354,45 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
         train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
 
 
+def test_synthesis_fine_tuning_trains_on_the_decoders_own_latent(photos, tmp_path):
+    """The latent the synthesis is fine-tuned on is the one the decoder reconstructs at each
+    layer: the codec's integer steps and the spread each layer of the weights reconstructs
+    with (here the midpoint, which the default 2σ conditional mean is far from)."""
+    from pcodec.network import HyperpriorNetwork
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
+    train.train(config, photos, tmp_path / "base", 2, None, None)
+    weights = tmp_path / "base.pt"
+    export.export_checkpoint(tmp_path / "base" / "checkpoint.pt", weights)
+    saved = torch.load(weights, weights_only=False)
+    for key in ("g_a.6.weight", "g_a.6.bias"):  # y over many cells: not all central, where
+        saved["model"][key] = saved["model"][key] * 100  # every spread gives the midpoint
+    layers = len(config.lambdas)
+    saved["reconstruction_spreads"] = torch.full((layers,), len(quant.RECONSTRUCTION_SPREADS) - 1)
+    torch.save(saved, weights)
+    assert np.all(np.isinf(load_weights_file(weights).reconstruction_spreads))
+
+    # What a fine-tune from these weights starts with (train.train(..., init_weights=weights)).
+    net = HyperpriorNetwork(recipes.network_config(config))
+    net.load_state_dict(saved["model"])
+    train.restore_spreads(net, saved)
+    image = synthetic_image(64, 64, 5)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    # float32, as the encoder's analysis, so that elements fall in the same intervals
+    trained_on, _ = net.decoded_latents(x, torch.arange(1, layers + 1), autocast=False)
+
+    model = load_weights_file(weights)
+    header, payloads, partial = engine.read_stream(model, engine.encode(model, image))
+    for layer, state in engine.decode_latents(model, header, payloads, partial):
+        if layer == 0:
+            continue
+        decoded = engine._reconstruct_latent(model, state, conditional_mean=True)
+        # Training's float intervals round to the coder's integer grid differently by up to
+        # half a unit a layer, and a few elements near a boundary take another sub-interval:
+        # ≥ 94 % within 2 units at every layer (with the default spread: 2-36 %).
+        close = np.abs(trained_on[layer - 1].numpy() - decoded) <= 2 * model.unit[:, None, None]
+        assert close.mean() > 0.9, (layer, close.mean())
+
+
 def test_layers_per_crop_are_dealt_so_a_step_sees_the_whole_ladder():
     import random
 
