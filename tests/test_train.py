@@ -359,6 +359,7 @@ def test_synthesis_fine_tuning_trains_on_the_decoders_own_latent(photos, tmp_pat
     layer: the codec's integer steps and the spread each layer of the weights reconstructs
     with (here the midpoint, which the default 2σ conditional mean is far from)."""
     from pcodec.network import HyperpriorNetwork
+
     config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
     train.train(config, photos, tmp_path / "base", 2, None, None)
     weights = tmp_path / "base.pt"
