@@ -87,8 +87,7 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
     average = {k.removeprefix("module."): v for k, v in checkpoint.get("ema", {}).items()
                if k != "n_averaged"}
     model.load_state_dict(average or checkpoint["model"])
-    if "reconstruction_spreads" in checkpoint:
-        model.reconstruction_spreads = checkpoint["reconstruction_spreads"]
+    model.restore_spreads(checkpoint)
     export_weights(model, config, checkpoint["state"], path, gain_data)
 
 

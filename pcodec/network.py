@@ -216,6 +216,13 @@ class HyperpriorNetwork(nn.Module):
     def steps(self) -> torch.Tensor:
         return torch.exp(self.log_steps)
 
+    def restore_spreads(self, saved: dict):
+        """The reconstruction spreads of a weights file or checkpoint (absent before export
+        fitted them: then the default for every layer stays)."""
+        spreads = saved.get("reconstruction_spreads")
+        if spreads is not None:
+            self.reconstruction_spreads = torch.as_tensor(spreads, dtype=torch.long)
+
     def decoder_steps(self) -> torch.Tensor:
         """The steps the codec codes with: the learned ones on each channel's integer grid
         (quant.integer_steps). Where the steps are frozen (train_only=synthesis), the

@@ -195,7 +195,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         for group, scale in zip(optimizer.param_groups, (1.0, config.step_lr_scale)):
             group["lr_scale"] = scale
         aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
-        restore_spreads(model, checkpoint)
+        model.restore_spreads(checkpoint)
         return checkpoint["state"], checkpoint.get("ema")
 
     resumed_step, resumed_rate = 0, None
@@ -220,7 +220,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if unexpected:
             print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
         state.update({k: weights["state"][k] for k in STATE_KEYS if k in weights["state"]})
-        restore_spreads(model, weights)
+        model.restore_spreads(weights)
         if weights["config"].get("stage", "ladder") != config.stage:
             # A new stage runs its own schedule from step 0; hours, crops and the history
             # (each record names its stage) go on counting.
@@ -445,16 +445,6 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if stop.pending is not None:  # the last step's checkpoint is saved
             stop.deliver(stop.pending)
     return model, state
-
-
-def restore_spreads(model, saved: dict):
-    """The reconstruction spreads of weights or a checkpoint (absent before export fitted
-    them: then the default for every layer stays)."""
-    import torch
-
-    spreads = saved.get("reconstruction_spreads")
-    if spreads is not None:
-        model.reconstruction_spreads = torch.as_tensor(spreads, dtype=torch.long)
 
 
 def hold_steps(model, config: TrainConfig, log=None):

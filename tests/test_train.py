@@ -375,7 +375,7 @@ def test_synthesis_fine_tuning_trains_on_the_decoders_own_latent(photos, tmp_pat
     # What a fine-tune from these weights starts with (train.train(..., init_weights=weights)).
     net = HyperpriorNetwork(recipes.network_config(config))
     net.load_state_dict(saved["model"])
-    train.restore_spreads(net, saved)
+    net.restore_spreads(saved)
     image = synthetic_image(64, 64, 5)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     # float32, as the encoder's analysis, so that elements fall in the same intervals
