@@ -275,19 +275,21 @@ class HyperpriorNetwork(nn.Module):
             means, scales = self.prior(z_hat)
         return y - means, means, scales, z_likelihoods
 
-    def forward(self, x: torch.Tensor, layer_of: torch.Tensor, autocast: bool = True):
+    def forward(self, x: torch.Tensor, layer_of: torch.Tensor, autocast: bool = True,
+                steps: torch.Tensor | None = None):
         """Training pass. x in [0,1], (B,3,H,W); layer_of (K·B,) in 1..L: row k·B + b is image
         b at layer layer_of[k·B + b] (K > 1: every image at K layers through one analysis
         pass, as synthesis_pass does; the outputs have K·B rows).
 
-        Rate and distortion are those of the coder's own nested intervals (see below).
+        Rate and distortion are those of the coder's own nested intervals (see below), in the
+        learned steps or in `steps` (the decoder's, where they are frozen: train_only=analysis).
         """
         y_star, means, scales, z_likelihoods = self.analyse(x, autocast)
         repeats = len(layer_of) // x.shape[0]
         if repeats > 1:  # every layer's file holds the hyper-latent: its bits count in each
             y_star, means, scales, z_likelihoods = (
                 t.repeat(repeats, 1, 1, 1) for t in (y_star, means, scales, z_likelihoods))
-        lower, upper = nested_intervals(y_star, self.steps(), layer_of)
+        lower, upper = nested_intervals(y_star, self.steps() if steps is None else steps, layer_of)
         # Rate: the bits the coder spends for layers 1..l, -log2 of the prior's mass on the
         # final nested interval (the renormalised layer masses telescope to it). Gradient to
         # y as if the interval slid with it (straight-through); to the steps via the bounds.

@@ -1,7 +1,8 @@
 """The training loop, resumable at any step: one model for all quantization layers (stage
 "ladder": each crop at layers drawn from the ladder, loss λ_l·255²·MSE + bpp with the coder's
 nested rate) or its single-rate base (stage "base"); `train_only=synthesis` fine-tunes the
-synthesis alone on distortion, every layer's bytes fixed. Checkpoints hold the optimizer
+synthesis alone on distortion, every layer's bytes fixed; `train_only=analysis` the encoder
+alone (g_a, h_a) for the decoder as it is. Checkpoints hold the optimizer
 state and live outside the repository; `--export` writes weights without it (export.py).
 """
 
@@ -24,6 +25,9 @@ from .export import STATE_KEYS, export_checkpoint, export_model, export_weights,
 from .quant import scale_shift_for
 from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_config, parse_setting, rewarmed
 
+# The modules each `train_only` fine-tunes, the rest frozen. The analysis side alone leaves
+# the decoder as it is: new files decode with the weights' synthesis and prior unchanged.
+TRAINED_PARTS = {"": "", "synthesis": ("g_s.",), "analysis": ("g_a.", "h_a.")}
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
 SPIKE_WINDOW, SPIKE_FACTOR = 100, 50.0  # a gradient norm 50x the median of the last 100 is bad
 MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
@@ -116,15 +120,18 @@ class PatchSampler:
         return out
 
 
-def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas):
-    """Per-image λ·255²·MSE + bpp averaged over the batch; also returns the parts."""
+def rd_loss(x, x_hat, y_likelihoods, z_likelihoods, lambdas, relative: bool = False):
+    """Per-row λ·255²·MSE + bpp averaged over the batch; also returns the parts. `relative`:
+    the mean of each row's log instead, so that every crop and layer counts by its relative
+    gain, as a BD-rate does (by λ alone the finest layer's loss is ~25x the coarsest's)."""
     import torch
 
     pixels = x.shape[2] * x.shape[3]
     bits = (-torch.log2(y_likelihoods).sum((1, 2, 3)) - torch.log2(z_likelihoods).sum((1, 2, 3)))
     bpp = bits / pixels
     mse = ((x - x_hat) ** 2).mean((1, 2, 3))
-    return (lambdas * 255**2 * mse + bpp).mean(), bpp.detach(), mse.detach()
+    rows = lambdas * 255**2 * mse + bpp
+    return (torch.log(rows) if relative else rows).mean(), bpp.detach(), mse.detach()
 
 
 def load_optimizer_state(optimizer, params, saved: dict):
@@ -162,21 +169,23 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     # On its device before the optimizer sees it: restored Adam state follows the parameters.
     model = HyperpriorNetwork(network_config(config)).to(device)
     synthesis_only = config.train_only == "synthesis"
+    analysis_only = config.train_only == "analysis"
     if config.stage not in ("ladder", "base"):
         raise SystemExit(f"stage={config.stage!r}: 'ladder' or 'base'")
     base_stage = config.stage == "base"
-    if config.train_only not in ("", "synthesis"):
-        raise SystemExit(f"train_only={config.train_only!r}: only 'synthesis' is known")
-    if synthesis_only and init_weights is None and not checkpoint_path.exists():
-        raise SystemExit("train_only=synthesis fine-tunes trained weights: give --init")
-    if synthesis_only and config.finest_step > 0:  # it rescales y: the bytes would move
-        raise SystemExit("finest_step rescales the encoder's y: not with train_only=synthesis")
+    if config.train_only not in TRAINED_PARTS:
+        raise SystemExit(f"train_only={config.train_only!r}: 'synthesis' or 'analysis'")
+    if config.train_only and init_weights is None and not checkpoint_path.exists():
+        raise SystemExit(f"train_only={config.train_only} fine-tunes trained weights: give --init")
+    if config.train_only and config.finest_step > 0:  # it rescales y through g_a and g_s
+        raise SystemExit(f"finest_step rescales y: not with train_only={config.train_only}")
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    if synthesis_only:
-        main_params = list(model.g_s.parameters())
+    if config.train_only:
+        trained = TRAINED_PARTS[config.train_only]
+        main_params = [p for n, p in model.named_parameters() if n.startswith(trained)]
         for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("g_s."))
+            param.requires_grad_(name.startswith(trained))
         optimizer = torch.optim.Adam([{"params": main_params, "lr_scale": 1.0}], lr=config.lr)
     else:
         optimizer = torch.optim.Adam(
@@ -334,11 +343,12 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             else:
                 layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
                                        config.layers_per_crop, config.keep_finest).to(device)
-                x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast)
+                x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast,
+                                            steps=model.decoder_steps() if analysis_only else None)
                 batch_lambdas = lambdas_all[layer_of - 1]
                 loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
-                                         z_lik, batch_lambdas)
-            if not synthesis_only:
+                                         z_lik, batch_lambdas, relative=analysis_only)
+            if not config.train_only:
                 loss = loss + model.shortcut_penalty().to(loss.device)
             optimizer.zero_grad(set_to_none=True)
             # A rare bad batch must not poison the weights: skip it when its loss or its gradient
@@ -367,7 +377,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 continue
             skipped_in_a_row = 0
             optimizer.step()
-            if not synthesis_only:  # the hyper-latent's quantiles are frozen with the rest
+            if not config.train_only:  # the hyper-latent's quantiles are frozen with the rest
                 aux_optimizer.zero_grad(set_to_none=True)
                 aux_loss = model.aux_loss()
                 if torch.isfinite(aux_loss):
@@ -388,7 +398,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             hosts = state.setdefault("host_seconds", {})
             hosts[host] = hosts.get(host, 0.0) + step_seconds
             # The log keeps the unweighted loss, comparable across runs (synthesis: log10 MSE).
-            unweighted = loss.detach() if synthesis_only else (batch_lambdas * 255**2 * mse + bpp).mean()
+            unweighted = (loss.detach() if config.train_only == "synthesis"
+                          else (batch_lambdas * 255**2 * mse + bpp).mean())
             window["loss"] += float(unweighted)
             window["n"] += 1
             window["images"] += len(batch)
@@ -458,7 +469,7 @@ def follow_latent_scale(model, config: TrainConfig, log=None):
     """After every update: move σ's table (the model's scale_shift) to the octave of its
     finest mean step (quant.scale_shift_for). Not when only the synthesis trains: there every
     layer's bytes must stay as they are."""
-    if config.train_only == "synthesis":
+    if config.train_only:
         return
     finest = math.exp(float(model.log_steps.detach()[-1].mean()))
     shift = int(model.scale_shift)
@@ -589,8 +600,13 @@ def main(argv=None):
         print(json.dumps(entry.get("kodak", {})), file=sys.stderr)
         return
     for item in args.set:
-        key, value = item.split("=", 1)
-        config = replace(config, **{key: parse_setting(getattr(config, key), value)})
+        key, _, value = item.partition("=")
+        if not hasattr(config, key) or not value:
+            parser.error(f"--set {item}: expected FIELD=VALUE with a field of TrainConfig")
+        try:
+            config = replace(config, **{key: parse_setting(getattr(config, key), value)})
+        except ValueError as error:
+            parser.error(f"--set {item}: {error}")
     if args.device:
         config = replace(config, device=args.device)
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,

@@ -38,6 +38,14 @@ def test_set_overrides_parse_into_the_field_types():
     assert recipes.parse_setting(config.blocks, "1,2,2") == (1, 2, 2)
 
 
+@pytest.mark.parametrize("setting", ["log_every=3", "lr=abc", "lr"])
+def test_a_bad_set_is_a_usage_error(setting, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--config", "tiny", "--set", setting])
+    assert stopped.value.code == 2
+    assert f"--set {setting}" in capsys.readouterr().err
+
+
 def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
     config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     run = tmp_path / "run"
@@ -350,8 +358,39 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
         train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
     with pytest.raises(SystemExit, match="finest_step"):
         train.train(replace(tuning, finest_step=7.0), photos, tmp_path / "held", 2, base, None)
-    with pytest.raises(SystemExit, match="only 'synthesis'"):
+    with pytest.raises(SystemExit, match="'synthesis' or 'analysis'"):
         train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
+
+
+def test_analysis_fine_tuning_changes_only_the_encoder(photos, tmp_path):
+    """train_only=analysis trains g_a and h_a alone: the tuned weights write other bytes, and
+    the weights it started from decode those bytes to the same image (the decoder is theirs)."""
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
+    train.train(config, photos, tmp_path / "base", 2, None, None)
+    base = tmp_path / "base.pt"
+    export.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
+    tuning = replace(config, train_only="analysis", layers_per_crop=2, lr=1e-2)
+    _, state = train.train(tuning, photos, tmp_path / "tuned", 4, base, None)
+    assert state["step"] == 4
+    tuned = tmp_path / "tuned.pt"
+    export.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
+
+    before = torch.load(base, weights_only=True)["model"]
+    after = torch.load(tuned, weights_only=True)["model"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(name.startswith("g_a.") for name in changed)
+    assert all(name.startswith(("g_a.", "h_a.")) for name in changed)
+    image = synthetic_image(48, 64, 3)
+    old, new = load_weights_file(base), load_weights_file(tuned)
+    stream = engine.encode(new, image)
+    header, payloads, partial = engine.read_stream(new, stream)
+    assert payloads != engine.read_stream(old, engine.encode(old, image))[1]
+    *_, (_, state) = engine.decode_latents(old, header, payloads, partial)
+    by_old = engine._render(old, engine._reconstruct_latent(old, state, True), 48, 64)
+    assert np.array_equal(by_old, engine.decode(new, stream))
+
+    with pytest.raises(SystemExit, match="give --init"):
+        train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
 
 
 def test_synthesis_fine_tuning_trains_on_the_decoders_own_latent(photos, tmp_path):
