@@ -58,7 +58,9 @@ class TrainConfig:
     # "synthesis": fine-tune g_s alone from --init weights. The encoder, prior and steps stay
     # fixed, so every layer of every file keeps its bytes exactly; the loss is the mean over
     # layers of log MSE (= mean PSNR, what a BD-rate with fixed rates rewards), where the
-    # ladder's λ·MSE gave the finest two layers 75 % of the gradient.
+    # ladder's λ·MSE gave the finest two layers 75 % of the gradient. "analysis": g_a and h_a
+    # alone, for the decoder as it is (its integer steps and spreads), on the ladder's rows
+    # (layers_per_crop) with the loss the mean of each row's log(λ·255²·MSE + bpp).
     train_only: str = ""
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one

@@ -27,7 +27,7 @@ from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_c
 
 # The modules each `train_only` fine-tunes, the rest frozen. The analysis side alone leaves
 # the decoder as it is: new files decode with the weights' synthesis and prior unchanged.
-TRAINED_PARTS = {"": "", "synthesis": ("g_s.",), "analysis": ("g_a.", "h_a.")}
+TRAINED_PARTS = {"synthesis": ("g_s.",), "analysis": ("g_a.", "h_a.")}
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
 SPIKE_WINDOW, SPIKE_FACTOR = 100, 50.0  # a gradient norm 50x the median of the last 100 is bad
 MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
@@ -173,7 +173,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     if config.stage not in ("ladder", "base"):
         raise SystemExit(f"stage={config.stage!r}: 'ladder' or 'base'")
     base_stage = config.stage == "base"
-    if config.train_only not in TRAINED_PARTS:
+    if config.train_only and config.train_only not in TRAINED_PARTS:
         raise SystemExit(f"train_only={config.train_only!r}: 'synthesis' or 'analysis'")
     if config.train_only and init_weights is None and not checkpoint_path.exists():
         raise SystemExit(f"train_only={config.train_only} fine-tunes trained weights: give --init")
@@ -467,8 +467,8 @@ def hold_steps(model, config: TrainConfig, log=None):
 
 def follow_latent_scale(model, config: TrainConfig, log=None):
     """After every update: move σ's table (the model's scale_shift) to the octave of its
-    finest mean step (quant.scale_shift_for). Not when only the synthesis trains: there every
-    layer's bytes must stay as they are."""
+    finest mean step (quant.scale_shift_for). Not when only a part trains (train_only): the
+    steps are frozen there, and σ's table is the decoder's."""
     if config.train_only:
         return
     finest = math.exp(float(model.log_steps.detach()[-1].mean()))
