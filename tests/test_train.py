@@ -108,8 +108,8 @@ def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_pat
     real_loss = train.rd_loss
     calls = {"n": 0}
 
-    def bad_first_batches(*args):
-        loss, bpp, mse = real_loss(*args)
+    def bad_first_batches(*args, **kwargs):
+        loss, bpp, mse = real_loss(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 1:  # a finite loss whose gradient is NaN (d√x/dx at 0 is infinite)
             loss = loss + 0.0 * torch.sqrt(0.0 * loss)
@@ -123,8 +123,8 @@ def test_non_finite_batches_are_skipped_and_a_diverged_run_stops(photos, tmp_pat
     assert state["step"] == 2 and state["skipped"] == 2
     assert all(bool(p.isfinite().all()) for p in model.parameters())
 
-    def always_nan(*args):
-        loss, bpp, mse = real_loss(*args)
+    def always_nan(*args, **kwargs):
+        loss, bpp, mse = real_loss(*args, **kwargs)
         return loss * float("nan"), bpp, mse
 
     monkeypatch.setattr(train, "rd_loss", always_nan)
@@ -142,9 +142,9 @@ def test_training_autocasts_to_bf16_only_where_the_cpu_has_it(photos, tmp_path, 
     seen = []
     real_forward = network.HyperpriorNetwork.forward
 
-    def recording_forward(self, x, layer_of, autocast=True):
+    def recording_forward(self, x, layer_of, autocast=True, steps=None):
         seen.append(autocast)
-        return real_forward(self, x, layer_of, autocast)
+        return real_forward(self, x, layer_of, autocast, steps)
 
     monkeypatch.setattr(transforms, "native_bf16", lambda: native)
     monkeypatch.setattr(network.HyperpriorNetwork, "forward", recording_forward)
@@ -162,8 +162,8 @@ def test_a_run_that_diverges_goes_back_to_its_checkpoint_and_on(photos, tmp_path
     real_loss = train.rd_loss
     calls = {"n": 0}
 
-    def nan_after_one_step(*args):  # step 3 goes, then 20 NaN batches, then all is well
-        loss, bpp, mse = real_loss(*args)
+    def nan_after_one_step(*args, **kwargs):  # step 3 goes, then 20 NaN batches, then all is well
+        loss, bpp, mse = real_loss(*args, **kwargs)
         calls["n"] += 1
         if 2 <= calls["n"] < 2 + train.MAX_SKIPS_IN_A_ROW:
             loss = loss * float("nan")
@@ -199,8 +199,8 @@ def test_a_climbing_loss_rolls_back_before_it_is_saved(photos, tmp_path, monkeyp
     real_loss = train.rd_loss
     calls = {"n": 0}
 
-    def climbing_rate(*args):  # the next window's two steps report 10⁶ bpp more
-        loss, bpp, mse = real_loss(*args)
+    def climbing_rate(*args, **kwargs):  # the next window's two steps report 10⁶ bpp more
+        loss, bpp, mse = real_loss(*args, **kwargs)
         calls["n"] += 1
         return loss, bpp + (1e6 if calls["n"] <= 2 else 0.0), mse
 
@@ -629,9 +629,9 @@ def test_a_gradient_spike_is_skipped_not_taken(photos, tmp_path, monkeypatch):
     calls = {"n": 0}
     plain = train.rd_loss
 
-    def spike_once(*args):
+    def spike_once(*args, **kwargs):
         calls["n"] += 1
-        loss, bpp, mse = plain(*args)
+        loss, bpp, mse = plain(*args, **kwargs)
         return (loss * 1e6 if calls["n"] == 12 else loss), bpp, mse
 
     monkeypatch.setattr(train, "rd_loss", spike_once)
