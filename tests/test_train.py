@@ -330,21 +330,28 @@ def test_training_reconstructs_far_tail_intervals_as_the_decoder_does():
     assert float(sigma.grad[:3].abs().max()) < 5
 
 
-def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(photos, tmp_path):
+def fine_tune(photos, tmp_path, **settings):
+    """Tiny weights trained 2 steps, then fine-tuned 2 more with `settings`: (the config
+    and state of the fine-tune, the weights before and after, the names of changed tensors)."""
     config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
     train.train(config, photos, tmp_path / "base", 2, None, None)
-    base = tmp_path / "base.pt"
+    base, tuned = tmp_path / "base.pt", tmp_path / "tuned.pt"
     export.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
-    tuning = replace(config, train_only="synthesis", synthesis_layers=3, lr=1e-2)
+    tuning = replace(config, lr=1e-2, **settings)
     _, state = train.train(tuning, photos, tmp_path / "tuned", 4, base, None)
-    assert state["step"] == 4 and state["history"][-1]["loss"] < 0  # log10 MSE of [0, 1] pixels
-    assert [r.get("objective") for r in state["history"]] == [None, "synthesis"]
-    tuned = tmp_path / "tuned.pt"
+    assert state["step"] == 4
     export.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
-
     before = torch.load(base, weights_only=True)["model"]
     after = torch.load(tuned, weights_only=True)["model"]
     changed = {name for name in before if not torch.equal(before[name], after[name])}
+    return tuning, state, base, tuned, changed
+
+
+def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(photos, tmp_path):
+    tuning, state, base, tuned, changed = fine_tune(photos, tmp_path, train_only="synthesis",
+                                                    synthesis_layers=3)
+    assert state["history"][-1]["loss"] < 0  # log10 MSE of [0, 1] pixels
+    assert [r.get("objective") for r in state["history"]] == [None, "synthesis"]
     assert changed and all(name.startswith("g_s.") for name in changed)
     image = synthetic_image(48, 64, 3)
     old, new = load_weights_file(base), load_weights_file(tuned)
@@ -359,25 +366,14 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
     with pytest.raises(SystemExit, match="finest_step"):
         train.train(replace(tuning, finest_step=7.0), photos, tmp_path / "held", 2, base, None)
     with pytest.raises(SystemExit, match="'synthesis' or 'analysis'"):
-        train.train(replace(config, train_only="prior"), photos, tmp_path / "other", 2, base, None)
+        train.train(replace(tuning, train_only="prior"), photos, tmp_path / "other", 2, base, None)
 
 
 def test_analysis_fine_tuning_changes_only_the_encoder(photos, tmp_path):
     """train_only=analysis trains g_a and h_a alone: the tuned weights write other bytes, and
     the weights it started from decode those bytes to the same image (the decoder is theirs)."""
-    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
-    train.train(config, photos, tmp_path / "base", 2, None, None)
-    base = tmp_path / "base.pt"
-    export.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
-    tuning = replace(config, train_only="analysis", layers_per_crop=2, lr=1e-2)
-    _, state = train.train(tuning, photos, tmp_path / "tuned", 4, base, None)
-    assert state["step"] == 4
-    tuned = tmp_path / "tuned.pt"
-    export.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
-
-    before = torch.load(base, weights_only=True)["model"]
-    after = torch.load(tuned, weights_only=True)["model"]
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    tuning, _, base, tuned, changed = fine_tune(photos, tmp_path, train_only="analysis",
+                                                layers_per_crop=2)
     assert any(name.startswith("g_a.") for name in changed)
     assert all(name.startswith(("g_a.", "h_a.")) for name in changed)
     image = synthetic_image(48, 64, 3)
