@@ -225,8 +225,8 @@ class HyperpriorNetwork(nn.Module):
 
     def decoder_steps(self) -> torch.Tensor:
         """The steps the codec codes with: the learned ones on each channel's integer grid
-        (quant.integer_steps). Where the steps are frozen (train_only=synthesis), the
-        intervals are then the decoder's own."""
+        (quant.integer_steps). Where the steps are frozen (train_only), the intervals are
+        then the decoder's own."""
         unit, int_steps = integer_steps(self.log_steps.detach().double().cpu().numpy())
         return torch.from_numpy(int_steps * unit).float().to(self.log_steps.device)
 

@@ -254,6 +254,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             average.load_state_dict(saved_average)
             hold_steps(average.module, config, log)
         follow_latent_scale(average.module, config)
+    # The codec's integer steps, for an encoder fine-tune: the steps are frozen, so once.
+    frozen_steps = model.decoder_steps() if analysis_only else None
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
     host = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
     autocast = config.autocast and native
@@ -343,8 +345,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             else:
                 layer_of = draw_layers(layer_rng, len(config.lambdas), config.batch,
                                        config.layers_per_crop, config.keep_finest).to(device)
-                x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast,
-                                            steps=model.decoder_steps() if analysis_only else None)
+                x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast, steps=frozen_steps)
                 batch_lambdas = lambdas_all[layer_of - 1]
                 loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
                                          z_lik, batch_lambdas, relative=analysis_only)
