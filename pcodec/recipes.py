@@ -61,6 +61,8 @@ class TrainConfig:
     # ladder's λ·MSE gave the finest two layers 75 % of the gradient. "analysis": g_a and h_a
     # alone, for the decoder as it is (its integer steps and spreads), on the ladder's rows
     # (layers_per_crop) with the loss the mean of each row's log(λ·255²·MSE + bpp).
+    # "transforms": the same rows and loss for every weight but the steps (g_a, h_a, g_s, h_s
+    # and the hyper-latent's model).
     train_only: str = ""
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one

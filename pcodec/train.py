@@ -2,7 +2,8 @@
 "ladder": each crop at layers drawn from the ladder, loss λ_l·255²·MSE + bpp with the coder's
 nested rate) or its single-rate base (stage "base"); `train_only=synthesis` fine-tunes the
 synthesis alone on distortion, every layer's bytes fixed; `train_only=analysis` the encoder
-alone (g_a, h_a) for the decoder as it is. Checkpoints hold the optimizer
+alone (g_a, h_a) for the decoder as it is; `train_only=transforms` every weight but the step
+ladder, coded with the decoder's own integer steps. Checkpoints hold the optimizer
 state and live outside the repository; `--export` writes weights without it (export.py).
 """
 
@@ -27,7 +28,10 @@ from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_c
 
 # The modules each `train_only` fine-tunes, the rest frozen. The analysis side alone leaves
 # the decoder as it is: new files decode with the weights' synthesis and prior unchanged.
-TRAINED_PARTS = {"synthesis": ("g_s.",), "analysis": ("g_a.", "h_a.")}
+# "transforms" is all but the steps: the four transforms and the hyper-latent's model, every
+# layer coded as the decoder codes it (integer steps, fitted spreads).
+TRAINED_PARTS = {"synthesis": ("g_s.",), "analysis": ("g_a.", "h_a."),
+                 "transforms": ("g_a.", "h_a.", "g_s.", "h_s.", "entropy_bottleneck.")}
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
 SPIKE_WINDOW, SPIKE_FACTOR = 100, 50.0  # a gradient norm 50x the median of the last 100 is bad
 MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
@@ -169,12 +173,14 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     # On its device before the optimizer sees it: restored Adam state follows the parameters.
     model = HyperpriorNetwork(network_config(config)).to(device)
     synthesis_only = config.train_only == "synthesis"
-    analysis_only = config.train_only == "analysis"
+    # Both train on the decoder's frozen integer steps, each row's loss counting by its log.
+    decoder_exact = config.train_only in ("analysis", "transforms")
     if config.stage not in ("ladder", "base"):
         raise SystemExit(f"stage={config.stage!r}: 'ladder' or 'base'")
     base_stage = config.stage == "base"
     if config.train_only and config.train_only not in TRAINED_PARTS:
-        raise SystemExit(f"train_only={config.train_only!r}: 'synthesis' or 'analysis'")
+        raise SystemExit(f"train_only={config.train_only!r}: "
+                         + " or ".join(f"'{name}'" for name in TRAINED_PARTS))
     if config.train_only and init_weights is None and not checkpoint_path.exists():
         raise SystemExit(f"train_only={config.train_only} fine-tunes trained weights: give --init")
     if config.train_only and config.finest_step > 0:  # it rescales y through g_a and g_s
@@ -183,7 +189,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     if config.train_only:
         trained = TRAINED_PARTS[config.train_only]
-        main_params = [p for n, p in model.named_parameters() if n.startswith(trained)]
+        main_params = [p for n, p in model.named_parameters()
+                       if n.startswith(trained) and not n.endswith("quantiles")]
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith(trained))
         optimizer = torch.optim.Adam([{"params": main_params, "lr_scale": 1.0}], lr=config.lr)
@@ -254,8 +261,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
             average.load_state_dict(saved_average)
             hold_steps(average.module, config, log)
         follow_latent_scale(average.module, config)
-    # The codec's integer steps, for an encoder fine-tune: the steps are frozen, so once.
-    frozen_steps = model.decoder_steps() if analysis_only else None
+    # The codec's integer steps, for a decoder-exact fine-tune: the steps are frozen, so once.
+    frozen_steps = model.decoder_steps() if decoder_exact else None
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
     host = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
     autocast = config.autocast and native
@@ -348,7 +355,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 x_hat, y_lik, z_lik = model(batch, layer_of, autocast=autocast, steps=frozen_steps)
                 batch_lambdas = lambdas_all[layer_of - 1]
                 loss, bpp, mse = rd_loss(batch.repeat(config.layers_per_crop, 1, 1, 1), x_hat, y_lik,
-                                         z_lik, batch_lambdas, relative=analysis_only)
+                                         z_lik, batch_lambdas, relative=decoder_exact)
             if not config.train_only:
                 loss = loss + model.shortcut_penalty().to(loss.device)
             optimizer.zero_grad(set_to_none=True)
@@ -378,7 +385,8 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 continue
             skipped_in_a_row = 0
             optimizer.step()
-            if not config.train_only:  # the hyper-latent's quantiles are frozen with the rest
+            # The hyper-latent's quantiles follow its model where that trains.
+            if not config.train_only or config.train_only == "transforms":
                 aux_optimizer.zero_grad(set_to_none=True)
                 aux_loss = model.aux_loss()
                 if torch.isfinite(aux_loss):

@@ -365,7 +365,7 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
         train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
     with pytest.raises(SystemExit, match="finest_step"):
         train.train(replace(tuning, finest_step=7.0), photos, tmp_path / "held", 2, base, None)
-    with pytest.raises(SystemExit, match="'synthesis' or 'analysis'"):
+    with pytest.raises(SystemExit, match="'synthesis' or 'analysis' or 'transforms'"):
         train.train(replace(tuning, train_only="prior"), photos, tmp_path / "other", 2, base, None)
 
 
@@ -387,6 +387,22 @@ def test_analysis_fine_tuning_changes_only_the_encoder(photos, tmp_path):
 
     with pytest.raises(SystemExit, match="give --init"):
         train.train(tuning, photos, tmp_path / "scratch", 2, None, None)
+
+
+def test_transforms_fine_tuning_keeps_the_step_ladder(photos, tmp_path):
+    """train_only=transforms trains both sides and the prior, never the steps: the tuned
+    weights code every layer with the integer steps of the weights it started from."""
+    _, _, base, tuned, changed = fine_tune(photos, tmp_path, train_only="transforms",
+                                           layers_per_crop=2)
+    for part in ("g_a.", "h_a.", "g_s.", "h_s.", "entropy_bottleneck.quantiles"):
+        assert any(name.startswith(part) for name in changed), part
+    assert "log_steps" not in changed
+    old, new = load_weights_file(base), load_weights_file(tuned)
+    assert np.array_equal(old.unit, new.unit) and np.array_equal(old.int_steps, new.int_steps)
+    image = synthetic_image(48, 64, 3)
+    stream = engine.encode(new, image)
+    assert stream != engine.encode(old, image)
+    assert engine.decode(new, stream).shape == image.shape
 
 
 def test_synthesis_fine_tuning_trains_on_the_decoders_own_latent(photos, tmp_path):
