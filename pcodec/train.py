@@ -185,14 +185,15 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         raise SystemExit(f"train_only={config.train_only} fine-tunes trained weights: give --init")
     if config.train_only and config.finest_step > 0:  # it rescales y through g_a and g_s
         raise SystemExit(f"finest_step rescales y: not with train_only={config.train_only}")
-    main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    # Every parameter trains, or those of the fine-tuned parts; the quantiles by their own loss.
+    trained = TRAINED_PARTS[config.train_only] if config.train_only else ("",)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(trained))
+    main_params = [p for n, p in model.named_parameters()
+                   if n.startswith(trained) and not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    quantiles_train = any(p.requires_grad for p in aux_params)  # where the hyper-latent's model does
     if config.train_only:
-        trained = TRAINED_PARTS[config.train_only]
-        main_params = [p for n, p in model.named_parameters()
-                       if n.startswith(trained) and not n.endswith("quantiles")]
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith(trained))
         optimizer = torch.optim.Adam([{"params": main_params, "lr_scale": 1.0}], lr=config.lr)
     else:
         optimizer = torch.optim.Adam(
@@ -385,8 +386,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                 continue
             skipped_in_a_row = 0
             optimizer.step()
-            # The hyper-latent's quantiles follow its model where that trains.
-            if not config.train_only or config.train_only == "transforms":
+            if quantiles_train:
                 aux_optimizer.zero_grad(set_to_none=True)
                 aux_loss = model.aux_loss()
                 if torch.isfinite(aux_loss):
