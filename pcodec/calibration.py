@@ -32,6 +32,9 @@ from . import coding, engine, quant
 CALIBRATION_CROPS = (12, 512)
 # Candidate offsets in table steps (one step: σ × 1.081): σ × 0.46 … × 1.6.
 OFFSETS = np.arange(-10, 7)
+# A refinement layer defers the refinements whose order key is below this percentile of its
+# keys on the calibration crops (coding.deferred): chosen on Kodak, docs/gdn320.md.
+DEFER_PERCENTILE = 80
 _FAR = 1 << 40  # beyond any prior's reach, as layer 1's escape cells
 
 
@@ -73,6 +76,28 @@ def fit_scale_offsets(model, images: list[np.ndarray]) -> np.ndarray:
                 bits[layer, :, k] += np.bincount(intervals[0], lengths, minlength=channels)
     best = OFFSETS[np.argmin(bits, axis=2)]
     return np.where(bits.any(axis=2), best, 0).astype(np.int64)
+
+
+def fit_defer_keys(model, images: list[np.ndarray], percentile: float = DEFER_PERCENTILE) -> np.ndarray:
+    """(L,) coding.deferred's thresholds: for each refinement layer but the last, the key
+    below which `percentile` % of its candidates fall over the images when no layer defers
+    (the first and last entries, which no rule reads, the lowest key)."""
+    plain = replace(model, defer_keys=None)
+    keys = [[] for _ in range(model.layers)]
+    for image in images:
+        y, z_hat = engine.analyse(plain, image)
+        state, _ = coding.new_state(plain, z_hat)
+        y_units = (y - state.mu).reshape(-1) / plain.unit[state.channel]
+        for layer in range(plain.layers):
+            if 0 < layer < plain.layers - 1:
+                keys[layer].append(coding.refinement_candidates(plain, state, layer)[1])
+            coding.encode_layer(plain, state, layer, y_units)
+    thresholds = np.full(plain.layers, np.iinfo(np.int64).min, np.int64)
+    for layer, found in enumerate(keys):
+        found = np.concatenate(found) if found else np.zeros(0, np.int64)
+        if len(found):
+            thresholds[layer] = int(np.percentile(found, percentile, method="lower"))
+    return thresholds
 
 
 def fit_reconstruction_spreads(model, images: list[np.ndarray]) -> np.ndarray:

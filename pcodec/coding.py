@@ -311,10 +311,9 @@ def _refinement_tables(model: LoadedModel, state: LatentState, layer: int, eleme
     return tuple(table[inverse] for table in tables)
 
 
-def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
-    """Elements this layer splits, highest expected distortion drop per bit first, and their
-    tables when there are few enough elements to keep them (else None: rebuilt per chunk):
-    the distinct rows and, per element in coding order, its row."""
+def refinement_candidates(model: LoadedModel, state: LatentState, layer: int):
+    """Elements whose interval this layer's step splits, their order keys and, when there
+    are few enough elements to keep them, their tables chunk by chunk (else None)."""
     candidates = []
     for start in range(0, len(state.lower), CHUNK * 8):  # in slices: bounded temporaries
         part = slice(start, start + CHUNK * 8)
@@ -337,10 +336,31 @@ def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
         results = list(pool.map(chunk_tables, range(0, len(candidates), CHUNK)))
     keys = np.concatenate([key for key, _ in results]) if results else np.zeros(0, np.int64)
     kept = [tables for _, tables in results if tables is not None]
-    del results
-    order = quant.coding_order(keys)
+    return candidates, keys, kept if keep else None
+
+
+def deferred(model: LoadedModel, layer: int, keys: np.ndarray) -> np.ndarray:
+    """Which of a layer's candidates wait for the next layer: those whose order key is below
+    the layer's threshold (weights with `defer_keys`; never in the first or the last layer).
+    Left in, the tail of a layer costs bits for less than the head of the next gives, so
+    every complete layer would end on the flattest stretch of the stream's curve; with a
+    threshold per layer, each layer ends at a slope, as JPEG 2000's rate allocation forms
+    its quality layers. A deferred element keeps its interval, which a later layer's finer
+    step then splits."""
+    if model.defer_keys is None or layer in (0, model.layers - 1):
+        return np.zeros(len(keys), bool)
+    return keys < model.defer_keys[layer]
+
+
+def _refinement_plan(model: LoadedModel, state: LatentState, layer: int):
+    """Elements this layer refines, highest expected distortion drop per bit first, and their
+    tables when there are few enough elements to keep them (else None: rebuilt per chunk):
+    the distinct rows and, per element in coding order, its row."""
+    candidates, keys, kept = refinement_candidates(model, state, layer)
+    selected = np.nonzero(~deferred(model, layer, keys))[0]
+    order = selected[quant.coding_order(keys[selected])]
     del keys
-    if not keep or not kept:
+    if not kept:
         return candidates[order], None
     width = max(tables[0].shape[1] for tables, _ in kept)
     first_row = np.cumsum([0] + [len(tables[1]) for tables, _ in kept[:-1]])

@@ -47,14 +47,26 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
              "reconstruction_spreads": model.reconstruction_spreads.clone()}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
-        from .calibration import CALIBRATION_CROPS, fit_reconstruction_spreads, fit_scale_offsets
+        from dataclasses import replace
+
+        from .calibration import (
+            CALIBRATION_CROPS,
+            fit_defer_keys,
+            fit_reconstruction_spreads,
+            fit_scale_offsets,
+        )
         from .channel_gain import channel_gains, order_offsets, training_crops
 
         loaded = load_weights_file(path)
         gains = channel_gains(loaded, training_crops(gain_data))
-        saved["order_offsets"] = torch.from_numpy(order_offsets(gains))
+        # Each fit on the codec as the fits before it left it: the keys depend on the
+        # channels' offsets and the coding σ, which elements a layer refines on the keys.
+        loaded = replace(loaded, order_offsets=order_offsets(gains))
         crops = training_crops(gain_data, *CALIBRATION_CROPS)
-        saved["scale_offsets"] = torch.from_numpy(fit_scale_offsets(loaded, crops))
+        loaded = replace(loaded, scale_offsets=fit_scale_offsets(loaded, crops))
+        loaded = replace(loaded, defer_keys=fit_defer_keys(loaded, crops))
+        for name in ("order_offsets", "scale_offsets", "defer_keys"):
+            saved[name] = torch.from_numpy(getattr(loaded, name))
         saved["reconstruction_spreads"] = torch.from_numpy(fit_reconstruction_spreads(loaded, crops))
         save_atomic(saved, path)
 

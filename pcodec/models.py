@@ -94,6 +94,9 @@ class LoadedModel:
     # (L,) quant.reconstruct's spread for the intervals each layer sets (calibration.py;
     # quant.RECONSTRUCTION_SPREAD for every layer in weights made before it)
     reconstruction_spreads: np.ndarray | None = None
+    # (L,) order-key thresholds below which a refinement waits for the next layer
+    # (coding.deferred; calibration.fit_defer_keys); None: every layer refines all it can
+    defer_keys: np.ndarray | None = None
     _network: object = None
 
     @property
@@ -163,12 +166,17 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
             (0 <= spreads) & (spreads < len(RECONSTRUCTION_SPREADS)))):
         raise RuntimeIOError(f"cannot load model weights {path}: reconstruction spreads of "
                              f"shape {np.shape(spreads)}, not ({len(int_steps)},), or out of range")
+    defer_keys = saved.get("defer_keys")  # absent before the layers' thresholds
+    if defer_keys is not None and np.shape(defer_keys) != int_steps.shape[:1]:
+        raise RuntimeIOError(f"cannot load model weights {path}: deferral thresholds of shape "
+                             f"{np.shape(defer_keys)}, not ({len(int_steps)},)")
     return LoadedModel(model_id or path.stem, hashlib.sha256(raw).digest(), state, synthesis,
                        hyper_synthesis, unit, int_steps, z_table.astype(np.int64), config,
                        None if offsets is None else offsets.astype(np.int64),
                        None if scale_offsets is None else scale_offsets.astype(np.int64),
                        RECONSTRUCTION_SPREADS[np.full(len(int_steps), DEFAULT_SPREAD_INDEX)
-                                              if spreads is None else np.asarray(spreads)])
+                                              if spreads is None else np.asarray(spreads)],
+                       None if defer_keys is None else np.asarray(defer_keys, np.int64))
 
 
 @lru_cache(maxsize=4)

@@ -232,6 +232,7 @@ def test_order_offsets_reorder_the_stream_without_changing_its_layers(model):
     channel with a large offset is coded first."""
     from dataclasses import replace
 
+    model = replace(model, defer_keys=None)  # thresholds on the keys would move layer ends
     image = synthetic_image(96, 128, seed=6)
     offsets = np.zeros(len(model.unit), np.int64)
     offsets[5] = 10_000
@@ -263,6 +264,7 @@ def test_each_layer_codes_with_its_own_fitted_sigma_and_decodes_the_same_image(m
 
     from pcodec import calibration
 
+    model = replace(model, defer_keys=None)  # σ sets the keys, which thresholds would read
     image = synthetic_image(128, 128, seed=3)
     shape = (model.layers, len(model.unit))
     fitted = calibration.fit_scale_offsets(model, [image])
@@ -283,6 +285,49 @@ def test_each_layer_codes_with_its_own_fitted_sigma_and_decodes_the_same_image(m
         misread = None
     assert misread is None or not np.array_equal(
         misread, engine.decode(model, streams["plain"], layers=2))
+
+
+def test_deferred_refinements_wait_for_the_next_layer(model):
+    """Key thresholds per layer (weights with defer_keys): a middle layer refines only the
+    elements whose order key reaches its threshold, and the others wait for the next layer;
+    the last layer refines every one. Each middle layer then ends in fewer bytes than without
+    thresholds, quality still rises with every layer, the whole stream costs about the same,
+    the stream is deterministic, and the decoder must apply the thresholds too."""
+    from dataclasses import replace
+
+    from pcodec import calibration
+
+    model = replace(model, defer_keys=None)
+    image = synthetic_image(128, 160, seed=4)
+    thresholds = calibration.fit_defer_keys(model, [image], percentile=50)
+    last = model.layers - 1
+    assert thresholds[0] == thresholds[last] == np.iinfo(np.int64).min
+    assert (thresholds[1:last] > np.iinfo(np.int64).min).all()
+    deferring = replace(model, defer_keys=thresholds)
+    stream = engine.encode(deferring, image)
+    assert engine.encode(replace(model, defer_keys=thresholds), image) == stream
+    plain, deferred = layer_points(model, image), layer_points(deferring, image, stream)
+    assert plain[1] == deferred[1]  # the first layer codes every element either way
+    assert all(d[0] < p[0] for p, d in zip(plain[2:-1], deferred[2:-1])), (plain, deferred)
+    assert deferred[-1][0] == pytest.approx(plain[-1][0], rel=0.03)
+    assert deferred[-1][1] == pytest.approx(plain[-1][1], abs=0.2)
+    quality = [q for _, q in deferred]
+    assert all(b > a for a, b in zip(quality, quality[1:])), quality
+
+    header, payloads, partial = engine.read_stream(deferring, stream)
+    states = [state.copy() for _, state in engine.decode_latents(deferring, header, payloads, partial)]
+    for layer in range(1, last):  # what a layer leaves, the next refines (or leaves again)
+        _, keys, _ = coding.refinement_candidates(deferring, states[layer], layer)
+        waiting = np.count_nonzero(coding.deferred(deferring, layer, keys))
+        assert waiting > 0, layer
+        assert np.count_nonzero(states[layer + 1].depth == layer + 1) == len(keys) - waiting
+    _, keys, _ = coding.refinement_candidates(deferring, states[last], last)
+    assert np.count_nonzero(states[last + 1].depth == last + 1) == len(keys)  # all, at the last
+    try:  # without the thresholds the decoder reads the symbols of other elements
+        misread = engine.decode(model, stream, layers=3)
+    except StreamError:
+        misread = None
+    assert misread is None or not np.array_equal(misread, engine.decode(deferring, stream, layers=3))
 
 
 def test_reconstruction_spreads_change_the_image_never_the_stream(model, sample_image):

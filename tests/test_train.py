@@ -73,12 +73,14 @@ def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos,
     assert weights.scale_offsets.shape == (weights.layers, len(weights.unit))
     assert np.isin(weights.reconstruction_spreads, quant.RECONSTRUCTION_SPREADS).all()
     assert weights.reconstruction_spreads.shape == (weights.layers,)
+    assert weights.defer_keys.shape == (weights.layers,) and weights.defer_keys.dtype == np.int64
     image = synthetic_image(40, 56, 5)
     decoded = engine.decode(weights, engine.encode(weights, image))
     assert decoded.shape == image.shape and np.isfinite(psnr(image, decoded))
     for key, damage, message in (
             ("scale_offsets", lambda v: v[:, :3], "scale offsets of shape"),
-            ("reconstruction_spreads", lambda v: v + 100, "reconstruction spreads .* out of range")):
+            ("reconstruction_spreads", lambda v: v + 100, "reconstruction spreads .* out of range"),
+            ("defer_keys", lambda v: v[:3], "deferral thresholds of shape")):
         saved = torch.load(models / "tiny-run.pt", weights_only=False)
         saved[key] = damage(saved[key])  # a damaged file: a clear error
         torch.save(saved, tmp_path / "damaged.pt")
