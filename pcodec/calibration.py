@@ -38,12 +38,18 @@ DEFER_PERCENTILE = 80
 _FAR = 1 << 40  # beyond any prior's reach, as layer 1's escape cells
 
 
+def _encoder_state(model, image: np.ndarray):
+    """The state after the hyper-latent and the latent in grid units, as the encoder has them
+    before its first layer (engine.encode)."""
+    y, z_hat = engine.analyse(model, image)
+    state, _ = coding.new_state(model, z_hat)
+    return state, (y - state.mu).reshape(-1) / model.unit[state.channel]
+
+
 def layer_intervals(model, image: np.ndarray):
     """Per layer: (channel, scale index, parent lower, parent upper, lower, upper) of the
     elements that layer refines, through the coder's own partition (σ plays no part in it)."""
-    y, z_hat = engine.analyse(model, image)
-    state, _ = coding.new_state(model, z_hat)
-    y_units = (y - state.mu).reshape(-1) / model.unit[state.channel]
+    state, y_units = _encoder_state(model, image)
     layers = []
     for layer in range(model.layers):
         lower, upper, coded = state.lower.copy(), state.upper.copy(), state.coded.copy()
@@ -85,9 +91,7 @@ def fit_defer_keys(model, images: list[np.ndarray], percentile: float = DEFER_PE
     plain = replace(model, defer_keys=None)
     keys = [[] for _ in range(model.layers)]
     for image in images:
-        y, z_hat = engine.analyse(plain, image)
-        state, _ = coding.new_state(plain, z_hat)
-        y_units = (y - state.mu).reshape(-1) / plain.unit[state.channel]
+        state, y_units = _encoder_state(plain, image)
         for layer in range(plain.layers):
             if 0 < layer < plain.layers - 1:
                 keys[layer].append(coding.refinement_candidates(plain, state, layer)[1])
@@ -106,9 +110,7 @@ def fit_reconstruction_spreads(model, images: list[np.ndarray]) -> np.ndarray:
     image after layer l holds intervals of layers 1..l, the earlier ones already chosen)."""
     states = []
     for image in images:
-        y, z_hat = engine.analyse(model, image)
-        state, _ = coding.new_state(model, z_hat)
-        states.append((image, state, (y - state.mu).reshape(-1) / model.unit[state.channel]))
+        states.append((image, *_encoder_state(model, image)))
     chosen = np.full(model.layers, quant.DEFAULT_SPREAD_INDEX, np.int64)
     for layer in range(model.layers):
         errors = np.zeros(len(quant.RECONSTRUCTION_SPREADS))
