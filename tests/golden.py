@@ -39,9 +39,9 @@ def cases():
             # the shipped gdn5 models': -r6, and those at M = 320
             ("hp128-dhq8-r6", "hp128-dhq8-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            ("gdn320-r4", "gdn320-r4", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # -r4's weights with layers formed by deferral thresholds (coding.deferred)
-            ("gdn320-r5", "gdn320-r5", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            # layers formed by deferral thresholds (coding.deferred)
+            ("gdn320-r5", "gdn320-r5", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            ("gdn320-r6", "gdn320-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
