@@ -290,9 +290,10 @@ def test_each_layer_codes_with_its_own_fitted_sigma_and_decodes_the_same_image(m
 def test_deferred_refinements_wait_for_the_next_layer(model):
     """Key thresholds per layer (weights with defer_keys): a middle layer refines only the
     elements whose order key reaches its threshold, and the others wait for the next layer;
-    the last layer refines every one. Each middle layer then ends in fewer bytes than without
-    thresholds, quality still rises with every layer, the whole stream costs about the same,
-    the stream is deterministic, and the decoder must apply the thresholds too."""
+    the last layer refines every one. The first middle layer then ends in fewer bytes than
+    without thresholds (the later ones start from other intervals: what waited is coded there),
+    quality still rises with every layer, the whole stream costs about the same, the stream is
+    deterministic, and the decoder must apply the thresholds too."""
     from dataclasses import replace
 
     from pcodec import calibration
@@ -308,7 +309,7 @@ def test_deferred_refinements_wait_for_the_next_layer(model):
     assert engine.encode(replace(model, defer_keys=thresholds), image) == stream
     plain, deferred = layer_points(model, image), layer_points(deferring, image, stream)
     assert plain[1] == deferred[1]  # the first layer codes every element either way
-    assert all(d[0] < p[0] for p, d in zip(plain[2:-1], deferred[2:-1])), (plain, deferred)
+    assert deferred[2][0] < plain[2][0], (plain, deferred)  # layer 2: the same start, less coded
     assert deferred[-1][0] == pytest.approx(plain[-1][0], rel=0.03)
     assert deferred[-1][1] == pytest.approx(plain[-1][1], abs=0.2)
     quality = [q for _, q in deferred]
