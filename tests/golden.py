@@ -40,8 +40,8 @@ def cases():
             ("hp128-dhq8-r6", "hp128-dhq8-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # layers formed by deferral thresholds (coding.deferred)
-            ("gdn320-r5", "gdn320-r5", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            ("gdn320-r6", "gdn320-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("gdn320-r6", "gdn320-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            ("gdn320-r7", "gdn320-r7", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
