@@ -633,8 +633,8 @@ def run_speed(folder: Path, out_dir: Path, limit: int = 8, large: bool = True) -
         start = time.perf_counter()
         for data in streams:
             header, payloads, partial = engine.read_stream(model, data)
-            for _, state in engine.decode_latents(model, header, payloads, partial):
-                engine.synthesize(model, state, header.height, header.width)
+            for layers, state in engine.decode_latents(model, header, payloads, partial):
+                engine.synthesize(model, state, header.height, header.width, layers=layers)
         all_layers_s = (time.perf_counter() - start) / len(images)
         result["batch"] = {"encode_s_per_image": encode_s, "decode_s_per_image": decode_s,
                            "decode_every_layer_s_per_image": all_layers_s,

@@ -38,6 +38,10 @@ class LatentState:
     lower: np.ndarray  # (E,) interval bounds in grid units; meaningful where coded
     upper: np.ndarray
     depth: np.ndarray  # (E,) uint8: the layer (1-based) that set the interval; 0: none yet
+    # The share of its planned elements that the last layer decoded when its section was cut
+    # inside (0 after a whole section): how far the image is towards that layer's, which
+    # the post-filter's gains follow (engine.post_filter_position).
+    share: float = 0.0
 
     @property
     def coded(self) -> np.ndarray:
@@ -47,7 +51,7 @@ class LatentState:
     def copy(self) -> LatentState:
         """A copy whose intervals can be refined independently (the prior is shared)."""
         return LatentState(self.mu, self.scale_index, self.channel, self.lower.copy(),
-                           self.upper.copy(), self.depth.copy())
+                           self.upper.copy(), self.depth.copy(), self.share)
 
     def sigma_units(self, model: LoadedModel, elements=slice(None)) -> np.ndarray:
         """Prior scale in grid units (from the snapped table value)."""
@@ -471,15 +475,19 @@ def decode_layer(model: LoadedModel, state: LatentState, layer: int, data: bytes
         elif len(escaped):  # the prefix ends before the escapes' excess: those stay uncoded
             symbols = symbols[: escaped[0]]
         _apply_first_layer(model, state, order[: len(symbols)], symbols)
+        state.share = 0.0 if complete else len(symbols) / max(1, len(order))
         return
+    decoded = 0
     for elements, bounds, counts, probabilities in _layer_chunks(model, state, layer, plan):
         symbols = decoder.categorical(probabilities)
         if complete and (symbols >= counts).any():
             raise StreamError(f"corrupt stream: impossible symbol in layer {layer + 1}")
         symbols = np.minimum(symbols, counts[: len(symbols)] - 1)
         _apply_refinement(state, layer, elements[: len(symbols)], bounds, symbols)
+        decoded += len(symbols)
         if len(symbols) < len(elements):
             break
+    state.share = 0.0 if complete else decoded / max(1, len(plan[0]))
 
 
 def _apply_first_layer(model, state, elements, q):

@@ -31,10 +31,10 @@ def layer_points(model, image: np.ndarray, data: bytes | None = None,
     points = []
     for layers, state in engine.decode_latents(model, header, payloads, partial):
         size = len(container.repack(header, payloads[:layers + 1], partial[:layers + 1]))
-        pixels = engine.synthesize(model, state, header.height, header.width)
+        pixels = engine.synthesize(model, state, header.height, header.width, layers=layers)
         point = (size, psnr(pixels, image))
         if with_midpoint:
-            midpoint = engine.synthesize(model, state, header.height, header.width, False)
+            midpoint = engine.synthesize(model, state, header.height, header.width, False, layers)
             point += (psnr(midpoint, image),)
         points.append(point)
     return points

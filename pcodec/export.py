@@ -124,11 +124,18 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     folder = models_folder or models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / f"{model_id}.pt"
-    export_checkpoint(run_dir / "checkpoint.pt", weights_path, gain_data)
+    post_filter = None
+    if (run_dir / "post-checkpoint.pt").exists():  # a post-filter for frozen weights
+        from .postfilter import export_post_filter
+
+        post_filter = export_post_filter(run_dir, weights_path)
+    else:
+        export_checkpoint(run_dir / "checkpoint.pt", weights_path, gain_data)
     import torch
 
     saved = torch.load(weights_path, weights_only=True)
     state, config = saved["state"], saved["config"]
+    post_hours = 0.0 if post_filter is None else post_filter["hours"] + post_filter["decoding_hours"]
     history = state["history"]
     recent = [r["images_per_s"] for r in history[-20:]]
     entry = {
@@ -137,12 +144,15 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         "bytes": weights_path.stat().st_size,
         "architecture": f"mean-scale hyperprior, {config.get('design', 'gdn5')} transforms "
                         f"N={config['N']} M={config['M']}, "
-                        f"{len(config['lambdas'])}-layer learned nested quantizer",
+                        f"{len(config['lambdas'])}-layer learned nested quantizer"
+                        + ("" if post_filter is None else
+                           f", post-filter told the layer (width {post_filter['width']})"),
         "config": config,
         "training": {
             "data": "../shared/data/train (638 natural photos, see its SOURCES.md)",
             "steps": state["step"], "images_seen": state["images"],
-            "cpu_hours": round((state["seconds"] - state.get("gpu_seconds", 0)) / 3600, 3),
+            "cpu_hours": round((state["seconds"] - state.get("gpu_seconds", 0)) / 3600
+                               + post_hours, 3),
             "gpu_minutes": round(state.get("gpu_seconds", 0) / 60, 1),
             "lambda_ladder": list(config["lambdas"]),
             "throughput_images_per_s": round(float(np.median(recent)), 2) if recent else None,
@@ -155,6 +165,10 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     }
     if note:
         entry["training"]["note"] = note
+    if post_filter is not None:
+        entry["training"]["post_filter"] = post_filter
+        hours = entry["training"]["hours_by_machine"]
+        hours[post_filter["host"]] = round(hours.get(post_filter["host"], 0) + post_hours, 3)
     if gain_data is not None:
         entry["coding_order"] = ("keys weighted by each channel's synthesis gain "
                                  f"(channel_gain.py), measured on photos of {gain_data}")
@@ -171,7 +185,7 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         bd = bd_rate(curve["bpp"], curve["psnr"], entry["kodak"]["bpp"], entry["kodak"]["psnr"])
         entry["kodak"]["bd_rate_vs_j2k_layered_percent"] = None if bd is None else round(bd, 2)
         campaign = manifest["models"].get(model_id, {}).get("campaign", [])
-        stage = entry["training"]["stage"]
+        stage = "post-filter" if post_filter else entry["training"]["stage"]
         campaign = [p for p in campaign if (p["stage"], p["step"]) != (stage, state["step"])] + [{
             "step": state["step"], "cpu_hours": entry["training"]["cpu_hours"],
             "gpu_minutes": entry["training"]["gpu_minutes"],

@@ -267,6 +267,47 @@ def _sequence(state: dict, prefix: str, dtype):
     return layers, channels
 
 
+def pixel_unshuffle(x: np.ndarray, factor: int) -> np.ndarray:
+    """torch's pixel_unshuffle in channels-last, pixel_shuffle's inverse."""
+    height, width, channels = x.shape
+    x = x.reshape(height // factor, factor, width // factor, factor, channels)
+    return x.transpose(0, 2, 4, 1, 3).reshape(height // factor, width // factor, -1)
+
+
+def post_filter(state: dict):
+    """postfilter.PostFilter in float32 channels-last, or None for weights without one:
+    f(x̂ (H, W, 3), position) → x̂ + r, with the gains of layer `position` (0-based; between
+    two layers, the gains interpolated). The gains are folded into the convolutions' weights
+    and biases (a gain scales a whole output channel), each layer's once."""
+    if "post.gains" not in state:
+        return None
+    keys = ("post.head", "post.body.0", "post.body.1", "post.tail")
+    weights = [(conv_weight(state[key + ".weight"], np.float64),
+                state[key + ".bias"].astype(np.float64)) for key in keys]
+    gains, out_gains = state["post.gains"].astype(np.float64), state["post.out_gains"].astype(np.float64)
+
+    def folded(scales):
+        return [((weight * scale).astype(np.float32), (bias * scale).astype(np.float32))
+                for (weight, bias), scale in zip(weights, scales)]
+    per_layer = [folded([*gains[layer], out_gains[layer]]) for layer in range(len(gains))]
+
+    def run(x: np.ndarray, position: float) -> np.ndarray:
+        low = min(int(position), len(gains) - 1)
+        share = position - low
+        if share == 0:
+            convs = per_layer[low]
+        else:
+            high = min(low + 1, len(gains) - 1)
+            convs = folded([*((1 - share) * gains[low] + share * gains[high]),
+                            (1 - share) * out_gains[low] + share * out_gains[high]])
+        hidden = pixel_unshuffle(np.asarray(x, np.float32), 2)
+        *hidden_convs, (tail_weight, tail_bias) = convs
+        for weight, bias in hidden_convs:
+            hidden = _leaky_relu(conv3x3(hidden, weight, bias))
+        return x + pixel_shuffle(conv3x3(hidden, tail_weight, tail_bias), 2)
+    return run
+
+
 def inverse_haar(x: np.ndarray) -> np.ndarray:
     """The inverse (the transpose) of transforms.haar in channels-last: (H, W, 4C), each
     channel's LL, LH, HL, HH next to each other → (2H, 2W, C)."""

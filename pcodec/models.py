@@ -97,6 +97,8 @@ class LoadedModel:
     # (L,) order-key thresholds below which a refinement waits for the next layer
     # (coding.deferred; calibration.fit_defer_keys); None: every layer refines all it can
     defer_keys: np.ndarray | None = None
+    # inference.post_filter: f(x̂, layer) after the synthesis (postfilter.py); None: none
+    post_filter: object = None
     _network: object = None
 
     @property
@@ -152,6 +154,7 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
         config, state, z_table = saved["config"], saved["model"], saved["z_table"]
         synthesis = inference.synthesis(state, config.get("design", "gdn5"))
         hyper_synthesis = inference.hyper_synthesis(state)
+        post_filter = inference.post_filter(state)
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile,
             pickle.UnpicklingError) as error:
         raise RuntimeIOError(f"cannot load model weights {path}: {error}") from None
@@ -176,7 +179,8 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
                        None if scale_offsets is None else scale_offsets.astype(np.int64),
                        RECONSTRUCTION_SPREADS[np.full(len(int_steps), DEFAULT_SPREAD_INDEX)
                                               if spreads is None else np.asarray(spreads)],
-                       None if defer_keys is None else np.asarray(defer_keys, np.int64))
+                       None if defer_keys is None else np.asarray(defer_keys, np.int64),
+                       post_filter)
 
 
 @lru_cache(maxsize=4)

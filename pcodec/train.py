@@ -594,6 +594,9 @@ def main(argv=None):
     parser.add_argument("--weights-out", type=Path, default=None,
                         help="then write the run's weights (no optimizer state) here, to "
                              "resume elsewhere with --init")
+    parser.add_argument("--post-filter", metavar="WEIGHTS", type=Path, default=None,
+                        help="train a post-filter (postfilter.py) for these weights, frozen; "
+                             "then --export writes them with it")
     parser.add_argument("--measure", action="store_true",
                         help="time training steps for the config variations and exit")
     args = parser.parse_args(argv)
@@ -618,6 +621,12 @@ def main(argv=None):
             parser.error(f"--set {item}: {error}")
     if args.device:
         config = replace(config, device=args.device)
+    if args.post_filter:
+        from .postfilter import STEPS, train_post_filter
+
+        train_post_filter(args.post_filter, args.data, run_dir, args.steps or STEPS,
+                          threads=config.threads, minutes=args.minutes)
+        return
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
           minutes=args.minutes)
     if args.weights_out:

@@ -286,6 +286,9 @@ class Transforms(nn.Module):
         # decode peaked at 9 GB with 2 threads against 1.6 GB with 1).
         self.requires_grad_(False)
         self.device = torch.device("cpu")
+        from .postfilter import from_state
+
+        self.post_filter = from_state(state_dict)  # None: weights without one
 
     @property
     def on_cpu(self) -> bool:
@@ -296,8 +299,9 @@ class Transforms(nn.Module):
         the CPU, where everything that decides probabilities is computed, so streams are the
         same format and decode anywhere."""
         self.device = torch.device(device)
-        for module in (self.g_a, self.g_s_body, self.g_s_last):  # h_a, h_s stay on the CPU
-            module.to(self.device)
+        for module in (self.g_a, self.g_s_body, self.g_s_last, self.post_filter):
+            if module is not None:  # h_a, h_s stay on the CPU
+                module.to(self.device)
         if self.device.type == "cuda":
             self.bf16 = torch.cuda.is_bf16_supported()
         return self
@@ -307,9 +311,14 @@ class Transforms(nn.Module):
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         return self.g_a(x).contiguous().cpu()
 
-    def synthesis(self, y: torch.Tensor) -> torch.Tensor:
-        """g_s: ŷ → (1, 3, H, W) image in [0, 1] (not clamped), float32."""
+    def synthesis(self, y: torch.Tensor, post_layer: float | None = None) -> torch.Tensor:
+        """g_s: ŷ → (1, 3, H, W) image in [0, 1] (not clamped), float32; then the post-filter
+        with the gains at `post_layer` (postfilter.PostFilter) where the weights have one
+        and it is given."""
         y = y.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = self.g_s_body(y)
-        return self.g_s_last(hidden.float()).contiguous().cpu()
+        x = self.g_s_last(hidden.float())
+        if post_layer is not None and self.post_filter is not None:
+            x = self.post_filter(x, torch.tensor([float(post_layer)], device=self.device))
+        return x.contiguous().cpu()

@@ -40,8 +40,9 @@ def cases():
             ("hp128-dhq8-r6", "hp128-dhq8-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # layers formed by deferral thresholds (coding.deferred)
-            ("gdn320-r6", "gdn320-r6", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            ("gdn320-r7", "gdn320-r7", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            ("gdn320-r7", "gdn320-r7", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # a post-filter told the layer (postfilter.py)
+            ("gdn320-r8", "gdn320-r8", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:
@@ -55,7 +56,8 @@ def decoded(model, data: bytes, options: dict) -> dict:
     latent.update(state.lower[state.coded].astype("<i8").tobytes())
     latent.update(state.upper[state.coded].astype("<i8").tobytes())
     return {"latent_sha256": latent.hexdigest(),
-            "pixels": engine.synthesize(model, state, header.height, header.width)}
+            "pixels": engine.synthesize(model, state, header.height, header.width,
+                                        layers=engine.whole_layers(partial))}
 
 
 def records(model, name: str, height: int, width: int, seed: int, options: list[dict]):

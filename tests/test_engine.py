@@ -429,3 +429,55 @@ def test_first_layer_tables_built_pair_by_pair_equal_one_build_of_every_pair(mod
                           coding._first_layer_rows(at_once, state, elements))
     assert np.array_equal(coding._first_layer_keys(piecewise, every_scale, every_channel),
                           coding._first_layer_keys(at_once, every_scale, every_channel))
+
+
+def test_post_filter_changes_pixels_not_bytes_and_runs_across_tiles():
+    """A post-filter (postfilter.py) leaves every byte of the stream as it was; the decoder
+    runs it inside each synthesis tile with the gains of the layers decoded whole, equal to
+    the filter over the whole image, and in torch (GPU decoding) as in numpy."""
+    from dataclasses import replace
+
+    import torch
+    from conftest import ROOT
+    from test_inference import random_post_filter
+
+    from pcodec import inference
+    from pcodec.models import load_weights_file
+
+    plain = load_weights_file(ROOT / "tests" / "data" / "tiny-test.pt")
+    post = {key: value.numpy() for key, value in random_post_filter(plain.layers).items()}
+    filtered = replace(plain, state={**plain.state, **post}, post_filter=inference.post_filter(post))
+    image = synthetic_image(80, 600, seed=6)  # 40 latents wide: two synthesis tiles
+    stream = engine.encode(plain, image)
+    assert engine.encode(filtered, image) == stream
+    header, payloads, partial = engine.read_stream(filtered, stream)
+    for layers, state in engine.decode_latents(filtered, header, payloads, partial):
+        y_hat = engine._reconstruct_latent(filtered, state, True)
+        unfiltered = filtered.synthesis(y_hat.transpose(1, 2, 0))
+        whole = filtered.post_filter(unfiltered, max(layers, 1) - 1)
+        tiled = engine.synthesis_float(filtered, y_hat, layers).transpose(1, 2, 0)
+        assert np.abs(tiled - whole).max() < 1e-5, layers
+        assert np.abs(whole - unfiltered).max() > 1e-3, layers
+        with torch.no_grad():  # torch's g_s runs in bf16 where native: its filter alone
+            in_torch = [filtered.network.synthesis(torch.from_numpy(y_hat)[None], post)[0]
+                        .permute(1, 2, 0).numpy() for post in (None, max(layers, 1) - 1)]
+        expected = filtered.post_filter(in_torch[0], max(layers, 1) - 1)
+        assert np.abs(in_torch[1] - expected).max() < 1e-5, layers
+    for layers in range(1, plain.layers + 1):
+        decoded = engine.decode(filtered, stream, layers=layers)
+        assert not np.array_equal(decoded, engine.decode(plain, stream, layers=layers))
+
+
+def test_a_cut_inside_a_layer_takes_gains_between_its_neighbours(model, sample_image, sample_stream):
+    """The post-filter's gains follow the share of the cut layer's elements decoded."""
+    header, payloads, partial = engine.read_stream(model, sample_stream)
+    ends = np.cumsum([len(p) for p in payloads]) + len(sample_stream) - sum(map(len, payloads))
+    middle = int((ends[2] + ends[3]) // 2)  # inside layer 3
+    cut = engine.read_stream(model, sample_stream, max_bytes=middle)
+    *_, (_, state) = engine.decode_latents(model, *cut)
+    assert 0 < state.share < 1
+    y_hat = engine._reconstruct_latent(model, state, True)
+    height, width = header.height, header.width
+    decoded = engine.decode(model, sample_stream, max_bytes=middle)
+    assert np.array_equal(decoded, engine._render(model, y_hat, height, width, 2 + state.share))
+    assert not np.array_equal(decoded, engine._render(model, y_hat, height, width, 2))

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from pcodec import inference, ptfile
 
-WEIGHTS = [ROOT / "models" / "gdn320-r7.pt", ROOT / "models" / "gdn320-r6.pt",
+WEIGHTS = [ROOT / "models" / "gdn320-r8.pt", ROOT / "models" / "gdn320-r7.pt",
            ROOT / "models" / "gdn320-r1.pt",
            ROOT / "models" / "hp128-dhq8-r6.pt",
            ROOT / "tests" / "data" / "tiny-test.pt"]
@@ -84,6 +84,41 @@ def test_numpy_transforms_equal_torch_layers(design):
     ours_prior = inference.hyper_synthesis(arrays)(z[0].permute(1, 2, 0).numpy())
     assert ours_prior.dtype == np.float64
     assert np.abs(ours_prior - prior).max() < 1e-12 * np.abs(prior).max()
+
+
+def random_post_filter(layers: int, width: int = 8, seed: int = 5) -> dict:
+    """A post-filter's state (keys "post.") with weights and per-layer gains away from their
+    initial values (the last convolution starts at zero)."""
+    from pcodec.postfilter import PostFilter
+
+    torch.manual_seed(seed)
+    module = PostFilter(layers, width)
+    for parameter in module.parameters():
+        parameter.data += 0.1 * torch.randn_like(parameter)
+    return {f"post.{key}": value for key, value in module.state_dict().items()}
+
+
+def test_numpy_post_filter_equals_torch_for_every_layer():
+    from pcodec.postfilter import from_state
+
+    state = random_post_filter(layers=3)
+    module = from_state(state)
+    ours = inference.post_filter({key: value.numpy() for key, value in state.items()})
+    x = torch.rand(1, 3, 10, 14)
+    outputs = []
+    for layer in range(3):
+        with torch.no_grad():
+            expected = module(x, torch.tensor([layer]))[0].permute(1, 2, 0).numpy()
+        got = ours(x[0].permute(1, 2, 0).numpy(), layer)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-5, layer
+        outputs.append(got)
+    assert not np.allclose(outputs[0], outputs[1])  # each layer has its own gains
+    with torch.no_grad():  # between two layers (a cut inside one), their gains interpolated
+        between = module(x, torch.tensor([1.25]))[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours(x[0].permute(1, 2, 0).numpy(), 1.25) - between).max() < 1e-5
+    assert not np.allclose(between, outputs[1]) and not np.allclose(between, outputs[2])
+    assert inference.post_filter({"g_s.0.weight": np.zeros(1)}) is None
 
 
 def test_gelu_equals_torch_without_scipy():

@@ -726,3 +726,30 @@ def test_a_signal_during_a_step_stops_the_run_after_it_with_a_checkpoint(photos,
     monkeypatch.undo()
     _, state = train.train(config, photos, run, 5, None, None)
     assert state["step"] == 5
+
+
+def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(photos, tmp_path):
+    """`pcodec train --post-filter`: decoded rows of the frozen codec, a resumable run, and
+    weights that write the same sections byte for byte and decode them to other pixels."""
+    from pcodec import postfilter
+
+    base = ROOT / "tests" / "data" / "tiny-test.pt"
+    run, log = tmp_path / "post", io.StringIO()
+    small = {"width": 8, "threads": 1, "log": log, "crops": 6, "crop_size": 64, "row_size": 32,
+             "held_out": 2}
+    assert postfilter.train_post_filter(base, photos, run, steps=3, **small)["step"] == 3
+    state = postfilter.train_post_filter(base, photos, run, steps=6, **small)
+    assert state["step"] == 6 and "resumed" in log.getvalue()
+    assert len(state["history"][-1]["held_out_gain_db"]) == load_weights_file(base).layers
+    models = tmp_path / "models"
+    entry = export.export_model(run, "tiny-post", None, "test", models_folder=models)
+    assert entry["training"]["post_filter"]["steps"] == 6
+    assert sum(entry["training"]["hours_by_machine"].values()) == pytest.approx(
+        entry["training"]["cpu_hours"], abs=0.002)  # the filter's hours on its host too
+    assert "post-filter" in entry["architecture"]
+    old, new = load_weights_file(base), load_weights_file(models / "tiny-post.pt")
+    assert old.post_filter is None and new.post_filter is not None
+    image = synthetic_image(48, 64, 3)
+    stream, new_stream = engine.encode(old, image), engine.encode(new, image)
+    assert engine.read_stream(new, new_stream)[1] == engine.read_stream(old, stream)[1]
+    assert not np.array_equal(engine.decode(new, new_stream), engine.decode(old, stream))

@@ -1,0 +1,280 @@
+"""A filter after the synthesis, told the layer: x̂ + r(x̂, layer), trained alone with the
+codec frozen (every byte of every stream stays as it was), on images decoded exactly as the
+decoder decodes them.
+
+g_s is trained for every layer at once, so the coarse layers' images keep blocking and
+ringing that a small filter can take out, and the fine layers' need a lighter touch: one
+filter for every layer gained 0.05 dB on Kodak, the same filter with a learned gain per
+layer on each hidden channel and on the residual 0.34 dB (docs/gdn320.md). The filter runs
+at half resolution (pixel-unshuffle by 2): 3x3 convolutions 12 → W → W → W → 12, leaky ReLU,
+about 22 kMAC per pixel at W = 64, a quarter of the synthesis's.
+
+`pcodec train --post-filter` trains one (train_post_filter); the codec runs it in numpy
+(inference.post_filter) and, on a GPU, in torch (PostFilter)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LEAKY_SLOPE = 0.01
+HIDDEN_CONVS = 3  # head and two body convolutions, each followed by a per-layer gain
+
+
+class PostFilter(nn.Module):
+    """x̂ + r(x̂, position) on (B, 3, H, W) images in [0, 1], H and W even; `position` (B,)
+    the 0-based layer whose gains apply (between two layers, a float: their gains
+    interpolated, as for a cut inside a layer). The last convolution starts at zero:
+    training starts from the codec as it is."""
+
+    def __init__(self, layers: int, width: int = 64):
+        super().__init__()
+        self.head = nn.Conv2d(12, width, 3, padding=1)
+        self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(2))
+        self.tail = nn.Conv2d(width, 12, 3, padding=1)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+        self.gains = nn.Parameter(torch.ones(layers, HIDDEN_CONVS, width))
+        self.out_gains = nn.Parameter(torch.ones(layers, 12))
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        position = position.float()
+        low = position.floor().long().clamp(max=len(self.gains) - 1)
+        high = (low + 1).clamp(max=len(self.gains) - 1)
+        share = (position - low)[:, None]
+        gains = torch.lerp(self.gains[low], self.gains[high], share[:, :, None])
+        out_gains = torch.lerp(self.out_gains[low], self.out_gains[high], share)
+        hidden = F.pixel_unshuffle(x, 2)
+        for index, conv in enumerate((self.head, *self.body)):
+            hidden = F.leaky_relu(conv(hidden) * gains[:, index, :, None, None], LEAKY_SLOPE)
+        residual = self.tail(hidden) * out_gains[:, :, None, None]
+        return x + F.pixel_shuffle(residual, 2)
+
+
+def from_state(state: dict) -> PostFilter | None:
+    """The filter of a weights file's state dict (keys "post."), or None."""
+    if "post.gains" not in state:
+        return None
+    layers, _, width = state["post.gains"].shape
+    module = PostFilter(layers, width)
+    module.load_state_dict({k.removeprefix("post."): torch.as_tensor(v).float()
+                            for k, v in state.items() if k.startswith("post.")})
+    return module.eval().requires_grad_(False)
+
+
+def decoded_rows(model, crops: np.ndarray):
+    """For each crop (n, P, P, 3) uint8: its stream's image after each layer, as the decoder
+    makes it before the filter (float32, (layers, 3, P, P)), deferral and integer steps
+    included."""
+    from . import engine
+
+    out = np.empty((len(crops), model.layers, 3) + crops.shape[1:3], np.float16)
+    for index, crop in enumerate(crops):
+        header, payloads, partial = engine.read_stream(model, engine.encode(model, crop))
+        for layers, state in engine.decode_latents(model, header, payloads, partial):
+            if layers:
+                out[index, layers - 1] = engine.synthesis_float(
+                    model, engine._reconstruct_latent(model, state, True))
+    return out
+
+
+# The recipe of the probe that chose this design (docs/gdn320.md): 1,024 training crops of
+# 256², every layer of each; 16 rows of 128² a step, each at a random layer; Adam at 1e-3
+# after 200 warm-up steps, cosine to 2e-5 over 15,000 steps; loss the mean log10 MSE, so that
+# every layer counts by its relative gain, as a BD-rate does.
+CROPS, CROP_SIZE, ROW_SIZE, BATCH = 1024, 256, 128, 16
+LR, FINAL_LR, WARMUP, STEPS = 1e-3, 2e-5, 200, 15_000
+HELD_OUT = 64  # crops kept out of training to watch the gain per layer
+CHECKPOINT_SECONDS = 300
+
+
+def _collect_worker(args):
+    weights, crops = args
+    from .models import load_weights_file
+
+    torch.set_num_threads(1)
+    return decoded_rows(load_weights_file(Path(weights)), crops)
+
+
+def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
+            crop_size: int = CROP_SIZE, seed: int = 0, workers: int = 2, log=sys.stderr):
+    """The training rows (decoded_rows of `crops` random crops of the photos in `data`) and
+    the crops, saved to `path` (.npz); each worker process decodes its share on one thread."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .train import PatchSampler
+
+    originals = PatchSampler(data, crop_size, seed).batch(crops)
+    parts = np.array_split(np.arange(crops), max(1, crops // 32))
+    started, done, pieces = time.perf_counter(), 0, []
+    with ProcessPoolExecutor(workers) as pool:
+        for part, piece in zip(parts, pool.map(_collect_worker,
+                                               [(str(weights), originals[p]) for p in parts])):
+            pieces.append(piece)
+            done += len(part)
+            print(f"decoded {done} of {crops} crops ({time.perf_counter() - started:.0f} s)",
+                  file=log, flush=True)
+    rows = np.concatenate(pieces)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, rows=rows, originals=originals)
+    tmp.replace(path)
+    return rows, originals, time.perf_counter() - started
+
+
+def learning_rate(step: int, steps: int) -> float:
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    progress = min(1.0, (step - WARMUP) / max(1, steps - WARMUP))
+    return FINAL_LR + 0.5 * (LR - FINAL_LR) * (1 + math.cos(math.pi * progress))
+
+
+def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tensor,
+                   autocast: bool) -> list[float]:
+    """Mean PSNR gain (dB) per layer of the filter on held-out crops, on clamped images."""
+    gains = []
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for layer in range(rows.shape[1]):
+            before, after = [], []
+            for start in range(0, len(rows), 8):
+                x_hat = rows[start:start + 8, layer].float()
+                x = originals[start:start + 8].float() / 255
+                filtered = module(x_hat, torch.full((len(x_hat),), layer)).float()
+                before.append(((x_hat.clamp(0, 1) - x) ** 2).mean((1, 2, 3)))
+                after.append(((filtered.clamp(0, 1) - x) ** 2).mean((1, 2, 3)))
+            before, after = torch.cat(before), torch.cat(after)
+            gains.append(round(float(10 * torch.log10(before / after).mean()), 3))
+    return gains
+
+
+def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STEPS,
+                      width: int = 64, threads: int = 2, minutes: float | None = None,
+                      log=sys.stderr, crops: int = CROPS, crop_size: int = CROP_SIZE,
+                      row_size: int = ROW_SIZE, held_out: int = HELD_OUT):
+    """Train a post-filter for the codec of `weights`, frozen; resumes from
+    run_dir/post-checkpoint.pt. Returns when `steps` are done or after `minutes`."""
+    from .export import machine_name, save_atomic
+    from .models import load_weights_file
+    from .train import StopAfterStep
+    from .transforms import native_bf16
+
+    torch.set_num_threads(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, rows_path = run_dir / "post-checkpoint.pt", run_dir / "post-rows.npz"
+    layers = load_weights_file(weights).layers
+    module = PostFilter(layers, width).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    state = {"step": 0, "seconds": 0.0, "collect_seconds": 0.0, "history": [],
+             "weights": str(Path(weights).resolve()), "crops": crops, "width": width,
+             "row_size": row_size, "host": machine_name()}
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        print(f"resumed {checkpoint_path} at step {state['step']}", file=log, flush=True)
+    if rows_path.exists():
+        saved_rows = np.load(rows_path)
+        rows, originals = saved_rows["rows"], saved_rows["originals"]
+    else:
+        rows, originals, seconds = collect(weights, data, rows_path, crops, crop_size, log=log)
+        state["collect_seconds"] = seconds
+    torch.set_num_threads(threads)
+    crop_size = rows.shape[-1]
+    rows = torch.from_numpy(rows)
+    originals = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
+    train_rows, watch_rows = rows[:-held_out], rows[-held_out:]
+    train_originals, watch_originals = originals[:-held_out], originals[-held_out:]
+    autocast = native_bf16()
+    state["numerics"] = "bf16" if autocast else "float32"
+    rng = np.random.default_rng([state["step"], len(state["history"])])
+
+    def save():
+        save_atomic({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                     "state": state}, checkpoint_path)
+
+    chunk_ends = None if minutes is None else time.monotonic() + 60 * minutes
+    last_save, window, window_start = time.monotonic(), [], time.perf_counter()
+    with StopAfterStep() as stop:
+        while state["step"] < steps:
+            if stop.pending is not None:
+                save()
+                print(f"stopped by {signal.Signals(stop.pending).name} after step "
+                      f"{state['step']}: checkpoint saved", file=log, flush=True)
+                stop.deliver(stop.pending)
+            if chunk_ends is not None and time.monotonic() > chunk_ends:
+                break
+            stop.in_step = True
+            started = time.perf_counter()
+            crop = rng.integers(len(train_rows), size=BATCH)
+            layer = rng.integers(layers, size=BATCH)
+            # Even offsets: the decoder's pixel-unshuffle cells start on even pixels too.
+            top, left = 2 * rng.integers((crop_size - row_size) // 2 + 1, size=(2, BATCH))
+            x_hat = torch.stack([train_rows[c, k, :, t:t + row_size, s:s + row_size]
+                                 for c, k, t, s in zip(crop, layer, top, left)]).float()
+            x = torch.stack([train_originals[c, :, t:t + row_size, s:s + row_size]
+                             for c, t, s in zip(crop, top, left)]).float() / 255
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(state["step"], steps)
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                filtered = module(x_hat.contiguous(memory_format=torch.channels_last),
+                                  torch.from_numpy(layer))
+            loss = torch.log10(((filtered.float() - x) ** 2).mean((1, 2, 3))).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            state["seconds"] += time.perf_counter() - started
+            window.append(float(loss.detach()))
+            stop.in_step = False
+            if state["step"] % 500 == 0 or state["step"] == steps:
+                record = {"step": state["step"], "loss": round(float(np.mean(window)), 4),
+                          "lr": learning_rate(state["step"], steps),
+                          "rows_per_s": round(BATCH * len(window)
+                                              / (time.perf_counter() - window_start), 1),
+                          "hours": round(state["seconds"] / 3600, 3)}
+                if state["step"] % 2500 == 0 or state["step"] == steps:
+                    record["held_out_gain_db"] = held_out_gains(module, watch_rows,
+                                                                watch_originals, autocast)
+                state["history"].append(record)
+                print(json.dumps(record), file=log, flush=True)
+                window, window_start = [], time.perf_counter()
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                save()
+                last_save = time.monotonic()
+    save()
+    print(f"post-filter at step {state['step']} of {steps}: checkpoint saved", file=log,
+          flush=True)
+    return state
+
+
+def export_post_filter(run_dir: Path, path: Path) -> dict:
+    """The frozen codec's weights file with the run's filter added (keys "post.", float32)
+    and how it was trained ("post_filter"); its streams' bytes are those of the codec's."""
+    from .export import save_atomic
+
+    checkpoint = torch.load(run_dir / "post-checkpoint.pt", weights_only=False)
+    state = checkpoint["state"]
+    saved = torch.load(state["weights"], weights_only=False)
+    saved["model"].update({f"post.{key}": value.detach().float().contiguous()
+                           for key, value in checkpoint["module"].items()})
+    history = state["history"]
+    saved["post_filter"] = {
+        "base_weights": Path(state["weights"]).name, "width": state["width"],
+        "crops": state["crops"], "steps": state["step"], "rows_per_step": BATCH,
+        "row_size": state.get("row_size", ROW_SIZE), "hours": round(state["seconds"] / 3600, 3),
+        "decoding_hours": round(state["collect_seconds"] / 3600, 3),
+        "rows_per_s": float(np.median([r["rows_per_s"] for r in history[-10:]])) if history else None,
+        "host": state["host"], "numerics": state.get("numerics"),
+        "held_out_gain_db": next((r["held_out_gain_db"] for r in reversed(history)
+                                  if "held_out_gain_db" in r), None)}
+    save_atomic(saved, path)
+    return saved["post_filter"]
