@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -205,11 +204,7 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     last_save, window, window_start = time.monotonic(), [], time.perf_counter()
     with StopAfterStep() as stop:
         while state["step"] < steps:
-            if stop.pending is not None:
-                save()
-                print(f"stopped by {signal.Signals(stop.pending).name} after step "
-                      f"{state['step']}: checkpoint saved", file=log, flush=True)
-                stop.deliver(stop.pending)
+            stop.save_if_stopped(save, state["step"], log)
             if chunk_ends is not None and time.monotonic() > chunk_ends:
                 break
             stop.in_step = True

@@ -77,6 +77,15 @@ class StopAfterStep:
         else:
             self.deliver(signum)
 
+    def save_if_stopped(self, save, step: int, log):
+        """After a step: if a signal came during it, save the checkpoint, say so and act on
+        the signal."""
+        if self.pending is not None:
+            save()
+            print(f"stopped by {signal.Signals(self.pending).name} after step {step}: "
+                  "checkpoint saved", file=log, flush=True)
+            self.deliver(self.pending)
+
     def deliver(self, signum):
         """Act on the signal as the handler before this one would have."""
         self.pending = None
@@ -317,11 +326,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
               file=log, flush=True)
     with StopAfterStep() as stop:
         while state["step"] < steps:
-            if stop.pending is not None:
-                save_checkpoint()
-                print(f"stopped by {signal.Signals(stop.pending).name} after step "
-                      f"{state['step']}: checkpoint saved", file=log, flush=True)
-                stop.deliver(stop.pending)
+            stop.save_if_stopped(save_checkpoint, state["step"], log)
             stop.in_step = True
             if chunk_ends is not None and time.monotonic() > chunk_ends:
                 save_checkpoint()
