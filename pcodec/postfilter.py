@@ -96,12 +96,19 @@ HELD_OUT = 64  # crops kept out of training to watch the gain per layer
 CHECKPOINT_SECONDS = 300
 
 
-def _collect_worker(args):
-    weights, crops = args
+_worker_model = None  # each collecting process loads the weights once
+
+
+def _load_worker_model(weights: str):
+    global _worker_model
     from .models import load_weights_file
 
     torch.set_num_threads(1)
-    return decoded_rows(load_weights_file(Path(weights)), crops)
+    _worker_model = load_weights_file(Path(weights))
+
+
+def _collect_worker(crops: np.ndarray) -> np.ndarray:
+    return decoded_rows(_worker_model, crops)
 
 
 def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
@@ -115,9 +122,9 @@ def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
     originals = PatchSampler(data, crop_size, seed).batch(crops)
     parts = np.array_split(np.arange(crops), max(1, crops // 32))
     started, done, pieces = time.perf_counter(), 0, []
-    with ProcessPoolExecutor(workers) as pool:
-        for part, piece in zip(parts, pool.map(_collect_worker,
-                                               [(str(weights), originals[p]) for p in parts])):
+    with ProcessPoolExecutor(workers, initializer=_load_worker_model,
+                             initargs=(str(weights),)) as pool:
+        for part, piece in zip(parts, pool.map(_collect_worker, [originals[p] for p in parts])):
             pieces.append(piece)
             done += len(part)
             print(f"decoded {done} of {crops} crops ({time.perf_counter() - started:.0f} s)",
