@@ -66,10 +66,15 @@ def _random_state(design: str, blocks=(1, 2, 1)):
     return state
 
 
+@pytest.mark.parametrize("one_row_blocks", [False, True])
 @pytest.mark.parametrize("design", ["gdn5", "pu", "pux"])
-def test_numpy_transforms_equal_torch_layers(design):
+def test_numpy_transforms_equal_torch_layers(design, one_row_blocks, monkeypatch):
+    """Also with the convolutions worked one output row at a time (images this small are
+    otherwise one block), so block edges are covered."""
     from pcodec.transforms import Transforms
 
+    if one_row_blocks:
+        monkeypatch.setattr(inference, "TAP_BLOCK_BYTES", 1)
     state = _random_state(design)
     network = Transforms(16, 24, state, design, (1, 2, 1))
     arrays = {key: value.numpy() for key, value in state.items()}
