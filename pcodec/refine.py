@@ -9,8 +9,9 @@ refined stream is an ordinary stream, decoded as any other.
 The loss is the training pass's (network.HyperpriorNetwork.forward): each layer's nested
 interval from the model's own integer steps, its rate from the prior's mass on it with y
 sliding straight through, the reconstruction the decoder makes of it (the layer's fitted
-spread, or the midpoint), and ẑ rounded straight through with its rate read off the coder's
-own frequency table. Each step samples two layers (seeded: the same image gives the same
+spread, or the midpoint), the synthesis with the post-filter at that layer's gains where the
+weights have one, and ẑ rounded straight through with its rate read off the coder's own
+frequency table. Each step samples two layers (seeded: the same image gives the same
 stream on the same machine).
 """
 
@@ -86,7 +87,7 @@ def _refine_tile(model: LoadedModel, x, y, iterations: int, layers: int):
         mass = torch.clamp(interval_mass(lower + slide, upper + slide, sigma), min=1e-9)
         reconstruction = conditional_mean(lower, upper, sigma,
                                           spreads[chosen - 1].view(-1, 1, 1, 1))
-        x_hat = net.synthesis(mu + reconstruction + slide)
+        x_hat = net.synthesis(mu + reconstruction + slide, chosen - 1)  # post-filtered
         bits = -torch.log2(mass).sum((1, 2, 3)) + _z_rate(z, z_bits)
         mse = ((x_hat - x) ** 2).mean((1, 2, 3))
         return lambdas[chosen - 1] * 255**2 * mse + bits / pixels

@@ -311,14 +311,16 @@ class Transforms(nn.Module):
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         return self.g_a(x).contiguous().cpu()
 
-    def synthesis(self, y: torch.Tensor, post_layer: float | None = None) -> torch.Tensor:
-        """g_s: ŷ → (1, 3, H, W) image in [0, 1] (not clamped), float32; then the post-filter
-        with the gains at `post_layer` (postfilter.PostFilter) where the weights have one
-        and it is given."""
+    def synthesis(self, y: torch.Tensor, post_layer: float | torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """g_s: ŷ (B, M, h, w) → (B, 3, H, W) images in [0, 1] (not clamped), float32; then
+        the post-filter with the gains at `post_layer` (postfilter.PostFilter; one position,
+        or one per image) where the weights have one and it is given."""
         y = y.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = self.g_s_body(y)
         x = self.g_s_last(hidden.float())
         if post_layer is not None and self.post_filter is not None:
-            x = self.post_filter(x, torch.tensor([float(post_layer)], device=self.device))
+            position = torch.as_tensor(post_layer, dtype=torch.float32, device=self.device)
+            x = self.post_filter(x, position.expand(len(x)))
         return x.contiguous().cpu()

@@ -48,3 +48,28 @@ def test_refining_in_tiles_gives_a_valid_stream_of_the_same_size_and_lower_cost(
 def test_refinement_is_repeatable(model):
     image = synthetic_image(64, 96, seed=3)
     assert engine.encode(model, image, refine=3) == engine.encode(model, image, refine=3)
+
+
+def test_refinement_aims_at_the_post_filtered_image(model):
+    """With a post-filter in the weights, refinement follows the images the decoder shows
+    (the filter at each sampled layer's gains, one per image of a batch), so its stream
+    differs from the one refined for the same weights without the filter; the plain
+    encodes are the same."""
+    from dataclasses import replace
+
+    import torch
+
+    assert model.post_filter is not None  # the default model has one
+    unfiltered = replace(model, state={k: v for k, v in model.state.items()
+                                       if not k.startswith("post.")}, post_filter=None,
+                         _network=None)  # built afresh from that state, without the filter
+    image = synthetic_image(64, 96, seed=4)
+    assert engine.encode(model, image) == engine.encode(unfiltered, image)
+    assert engine.encode(model, image, refine=3) != engine.encode(unfiltered, image, refine=3)
+    y = torch.randn(2, model.config["M"], 2, 3)
+    with torch.no_grad():
+        both = model.network.synthesis(y, torch.tensor([0, 5]))
+        one_by_one = [model.network.synthesis(y[k:k + 1], position)[0]
+                      for k, position in enumerate((0, 5))]
+    assert all(torch.allclose(both[k], one_by_one[k], atol=1e-5) for k in range(2))
+    assert not torch.allclose(both[0], both[1])
