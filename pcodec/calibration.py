@@ -106,8 +106,9 @@ def fit_defer_keys(model, images: list[np.ndarray], percentile: float = DEFER_PE
 
 def fit_reconstruction_spreads(model, images: list[np.ndarray]) -> np.ndarray:
     """(L,) indexes into quant.RECONSTRUCTION_SPREADS: for the intervals each layer sets, the
-    spread whose images have the least pixel error over the images, layer after layer (the
-    image after layer l holds intervals of layers 1..l, the earlier ones already chosen)."""
+    spread whose images (post-filtered, where the weights have a filter: what the decoder
+    shows) have the least pixel error over the images, layer after layer (the image after
+    layer l holds intervals of layers 1..l, the earlier ones already chosen)."""
     states = []
     for image in images:
         states.append((image, *_encoder_state(model, image)))
@@ -119,7 +120,7 @@ def fit_reconstruction_spreads(model, images: list[np.ndarray]) -> np.ndarray:
             for k in range(len(errors)):
                 chosen[layer] = k
                 trial = replace(model, reconstruction_spreads=quant.RECONSTRUCTION_SPREADS[chosen])
-                pixels = engine.synthesize(trial, state, *image.shape[:2])
+                pixels = engine.synthesize(trial, state, *image.shape[:2], layers=layer + 1)
                 errors[k] += np.sum((pixels.astype(np.float64) - image) ** 2)
         chosen[layer] = int(np.argmin(errors))
     return chosen

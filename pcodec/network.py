@@ -47,6 +47,7 @@ class NetworkConfig:
     finest_step: float = 0.16
     design: str = "gdn5"  # transforms.DESIGNS
     blocks: tuple = (1, 1, 1)  # "pu": residual blocks at 1/4, 1/8, 1/16
+    post_filter: int = 0  # width of the post-filter after g_s (postfilter.py); 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,6 +190,11 @@ class HyperpriorNetwork(nn.Module):
         for name, module in build_transforms(N, M, GDN, config.design, config.blocks).items():
             setattr(self, name, module)
         self.entropy_bottleneck = EntropyBottleneck(N)
+        self.post = None
+        if config.post_filter:  # keys "post.", as weights files carry it
+            from .postfilter import PostFilter
+
+            self.post = PostFilter(L, config.post_filter)
         ladder = torch.linspace(math.log(config.coarsest_step), math.log(config.finest_step), L)
         self.log_steps = nn.Parameter(ladder.view(L, 1).repeat(1, M))
         # σ's range is the coder's table × 2^scale_shift (quant.scale_shift_for); a buffer,
@@ -298,9 +304,15 @@ class HyperpriorNetwork(nn.Module):
             interval_mass(lower + slide, upper + slide, scales), min=LIKELIHOOD_MIN)
         # Distortion: the decoder's reconstruction, the conditional mean in the interval.
         y_hat = means + conditional_mean(lower, upper, scales, self.spreads_of(layer_of)) + slide
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return self.synthesis(y_hat, layer_of, autocast), y_likelihoods, z_likelihoods
+
+    def synthesis(self, y_hat: torch.Tensor, layer_of: torch.Tensor, autocast: bool = True):
+        """g_s, then the post-filter (if any) with each row's layer's gains, float32."""
+        with torch.autocast(y_hat.device.type, dtype=torch.bfloat16, enabled=autocast):
             x_hat = self.g_s(y_hat)
-        return x_hat.float(), y_likelihoods, z_likelihoods
+            if self.post is not None:
+                x_hat = self.post(x_hat.float(), layer_of - 1)
+        return x_hat.float()
 
     def forward_base(self, x: torch.Tensor, autocast: bool = True):
         """Single-rate training pass (the first of two stages, as DeepHQ trains): y − μ rounded
@@ -318,14 +330,14 @@ class HyperpriorNetwork(nn.Module):
 
     def synthesis_pass(self, x: torch.Tensor, layers: torch.Tensor, autocast: bool = True):
         """Fine-tuning pass of the synthesis alone: every image of x reconstructed at each of
-        `layers` (K,), as (K·B, 3, H, W) with the layer of each; all but g_s without gradient.
+        `layers` (K,), as (K·B, 3, H, W) with the layer of each; all but g_s (and the
+        post-filter) without gradient.
 
         The encoder, prior and steps fixed, every layer's bytes are fixed too, so the loss is
         distortion only and whatever it gains is PSNR at the same rate."""
         y_hat, layer_of = self.decoded_latents(x, layers, autocast)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            x_hat = self.g_s(y_hat.contiguous(memory_format=torch.channels_last))
-        return x_hat.float(), layer_of
+        y_hat = y_hat.contiguous(memory_format=torch.channels_last)
+        return self.synthesis(y_hat, layer_of, autocast), layer_of
 
     @torch.no_grad()
     def decoded_latents(self, x: torch.Tensor, layers: torch.Tensor, autocast: bool = True):

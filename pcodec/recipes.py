@@ -64,6 +64,9 @@ class TrainConfig:
     # "transforms": the same rows and loss for every weight but the steps (g_a, h_a, g_s, h_s
     # and the hyper-latent's model).
     train_only: str = ""
+    # Width of a post-filter after g_s, told the layer (postfilter.PostFilter), trained with
+    # the synthesis ("synthesis", "transforms") from --init weights that carry one; 0: none.
+    post_filter: int = 0
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one
     # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and
@@ -134,10 +137,12 @@ def network_config(config: TrainConfig):
 
     layers = len(config.lambdas)
     if config.design == "gdn5":
-        return NetworkConfig(N=config.N, M=config.M, layers=layers)
+        return NetworkConfig(N=config.N, M=config.M, layers=layers,
+                             post_filter=config.post_filter)
     # The base stage quantizes y − μ on the unit grid: that is the finest layer's step.
     return NetworkConfig(N=config.N, M=config.M, layers=layers, design=config.design,
-                         blocks=tuple(config.blocks), finest_step=1.0,
+                         blocks=tuple(config.blocks), post_filter=config.post_filter,
+                         finest_step=1.0,
                          coarsest_step=1.65 ** (layers - 1))
 
 

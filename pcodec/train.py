@@ -30,8 +30,8 @@ from .recipes import CONFIGS, TrainConfig, draw_layers, learning_rate, network_c
 # the decoder as it is: new files decode with the weights' synthesis and prior unchanged.
 # "transforms" is all but the steps: the four transforms and the hyper-latent's model, every
 # layer coded as the decoder codes it (integer steps, fitted spreads).
-TRAINED_PARTS = {"synthesis": ("g_s.",), "analysis": ("g_a.", "h_a."),
-                 "transforms": ("g_a.", "h_a.", "g_s.", "h_s.", "entropy_bottleneck.")}
+TRAINED_PARTS = {"synthesis": ("g_s.", "post."), "analysis": ("g_a.", "h_a."),
+                 "transforms": ("g_a.", "h_a.", "g_s.", "h_s.", "entropy_bottleneck.", "post.")}
 MAX_SKIPS_IN_A_ROW = 20  # bad batches in a row: the weights are gone, roll back
 SPIKE_WINDOW, SPIKE_FACTOR = 100, 50.0  # a gradient norm 50x the median of the last 100 is bad
 MAX_ROLLBACKS = 3  # to the last checkpoint, per process; then stop
@@ -178,6 +178,11 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     chunk_ends = None if minutes is None else time.monotonic() + 60 * minutes
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
+    source = checkpoint_path if checkpoint_path.exists() else init_weights
+    if source is not None and not config.post_filter:  # a fine-tune keeps the filter it has
+        gains = torch.load(source, weights_only=False, map_location="cpu")["model"].get("post.gains")
+        if gains is not None:
+            config = replace(config, post_filter=int(gains.shape[-1]))
     torch.manual_seed(config.seed)  # the same initial weights on every run of a config
     # On its device before the optimizer sees it: restored Adam state follows the parameters.
     model = HyperpriorNetwork(network_config(config)).to(device)

@@ -371,6 +371,37 @@ def test_synthesis_fine_tuning_changes_only_the_synthesis_and_keeps_every_byte(p
         train.train(replace(tuning, train_only="prior"), photos, tmp_path / "other", 2, base, None)
 
 
+def test_fine_tuning_weights_with_a_post_filter_trains_it_with_the_synthesis(photos, tmp_path):
+    """Weights that carry a post-filter keep it through a fine-tune (its width read off
+    them): train_only=synthesis trains g_s and the filter on the filtered images, every
+    byte of every stream stays, and the export carries the tuned filter."""
+    from test_inference import random_post_filter
+
+    config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1, ema_decay=0)
+    train.train(config, photos, tmp_path / "base", 2, None, None)
+    base, tuned = tmp_path / "base.pt", tmp_path / "tuned.pt"
+    export.export_checkpoint(tmp_path / "base" / "checkpoint.pt", base)
+    weights = torch.load(base, weights_only=False)
+    weights["model"].update(random_post_filter(len(config.lambdas)))
+    torch.save(weights, base)
+    tuning = replace(config, lr=1e-2, train_only="synthesis", synthesis_layers=2)
+    train.train(tuning, photos, tmp_path / "tuned", 4, base, None)
+    export.export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", tuned)
+    before = torch.load(base, weights_only=True)["model"]
+    after = torch.load(tuned, weights_only=True)["model"]
+    assert set(after) == set(before)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert all(name.startswith(("g_s.", "post.")) for name in changed)
+    assert any(name.startswith("post.") for name in changed)
+    assert any(name.startswith("g_s.") for name in changed)
+    old, new = load_weights_file(base), load_weights_file(tuned)
+    assert new.post_filter is not None
+    image = synthetic_image(48, 64, 3)
+    stream, tuned_stream = engine.encode(old, image), engine.encode(new, image)
+    assert engine.read_stream(new, tuned_stream)[1] == engine.read_stream(old, stream)[1]
+    assert not np.array_equal(engine.decode(new, tuned_stream), engine.decode(old, stream))
+
+
 def test_analysis_fine_tuning_changes_only_the_encoder(photos, tmp_path):
     """train_only=analysis trains g_a and h_a alone: the tuned weights write other bytes, and
     the weights it started from decode those bytes to the same image (the decoder is theirs)."""
