@@ -41,8 +41,9 @@ def cases():
             ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # layers formed by deferral thresholds (coding.deferred)
             ("gdn320-r7", "gdn320-r7", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # a post-filter told the layer (postfilter.py)
-            ("gdn320-r8", "gdn320-r8", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            # a post-filter told the layer (postfilter.py), and the same trained longer
+            ("gdn320-r8", "gdn320-r8", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            ("gdn320-r9", "gdn320-r9", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:

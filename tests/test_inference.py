@@ -10,7 +10,8 @@ from conftest import ROOT
 
 from pcodec import inference, ptfile
 
-WEIGHTS = [ROOT / "models" / "gdn320-r8.pt", ROOT / "models" / "gdn320-r7.pt",
+WEIGHTS = [ROOT / "models" / "gdn320-r9.pt", ROOT / "models" / "gdn320-r8.pt",
+           ROOT / "models" / "gdn320-r7.pt",
            ROOT / "models" / "gdn320-r1.pt",
            ROOT / "models" / "hp128-dhq8-r6.pt",
            ROOT / "tests" / "data" / "tiny-test.pt"]
