@@ -193,7 +193,6 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     else:
         rows, originals, seconds = collect(weights, data, rows_path, crops, crop_size, log=log)
         state["collect_seconds"] = seconds
-    torch.set_num_threads(threads)
     crop_size = rows.shape[-1]
     rows = torch.from_numpy(rows)
     originals = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()

@@ -180,7 +180,9 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     checkpoint_path = run_dir / "checkpoint.pt"
     source = checkpoint_path if checkpoint_path.exists() else init_weights
     if source is not None and not config.post_filter:  # a fine-tune keeps the filter it has
-        gains = torch.load(source, weights_only=False, map_location="cpu")["model"].get("post.gains")
+        # Memory-mapped: only the gains' shape is read here; the weights load once, below.
+        gains = torch.load(source, weights_only=False, map_location="cpu",
+                           mmap=True)["model"].get("post.gains")
         if gains is not None:
             config = replace(config, post_filter=int(gains.shape[-1]))
     torch.manual_seed(config.seed)  # the same initial weights on every run of a config
