@@ -38,17 +38,21 @@ def _pixels(image):
 
 
 def encode(image, layers: int | None = None, model: str | None = None,
-           device: str = "cpu", refine: int = 0) -> bytes:
+           device: str = "cpu", refine: int = 0, layer_bpp=None) -> bytes:
     """A .pcb stream of an image (array, Pillow image or path); `layers` codes only the first
     K layers; `model` is an id from models/manifest.json (default: the shipped default);
-    `refine` gradient steps on the image's latent (smaller files, slower encoding)."""
+    `refine` gradient steps on the image's latent (smaller files, slower encoding);
+    `layer_bpp` the file sizes where its quality layers end (default: the model's rates;
+    (): one layer per quantization layer)."""
     from . import engine
     from .errors import UsageError
 
     loaded = _model(model, device)
-    if layers is not None and not 1 <= layers <= loaded.layers:
-        raise UsageError(f"layers={layers}: the model has {loaded.layers} layers")
-    return engine.encode(loaded, _pixels(image), layers, refine)
+    rates = loaded.layer_bpp if layer_bpp is None else tuple(layer_bpp)
+    most = len(rates) + 1 if rates else loaded.layers
+    if layers is not None and not 1 <= layers <= most:
+        raise UsageError(f"layers={layers}: the streams have at most {most} layers")
+    return engine.encode(loaded, _pixels(image), layers, refine, layer_bpp)
 
 
 def _stream_model(data: bytes, device: str):
@@ -96,10 +100,15 @@ def info(data: bytes, max_pixels: int = container.DEFAULT_MAX_PIXELS,
             "partial": is_partial, "crc32": f"{section.crc:08x}",
             "cumulative_bytes": offset, "cumulative_bpp": round(8 * offset / pixels, 5)})
     total = offset
+    quality_layers = [{"layer": k + 1, "cumulative_bytes": header_length + end,
+                       "cumulative_bpp": round(8 * (header_length + end) / pixels, 5)}
+                      for k, end in enumerate(header.layer_ends)]
     return {
-        "format_version": container.VERSION, "width": header.width, "height": header.height,
+        "format_version": header.version, "width": header.width, "height": header.height,
         "model": header.model_id, "weights_digest": header.weights_digest.hex(),
         "layers": header.layers, "header_bytes": header_length, "total_bytes": total,
         "bpp": round(8 * total / pixels, 5), "sections": sections,
+        # Format 3: the quality layers' ends (inside sections); format 2: the sections'.
+        "quality_layers": quality_layers,
         "status": ("cut" if any(cut) or len(payloads) < len(header.sections)
                    or any(s.partial for s in header.sections) else "complete")}

@@ -349,7 +349,9 @@ def pcodec_rows(model, image: np.ndarray, cuts: int, refine: int = 0):
     decode_s = time.perf_counter() - start
     header, header_length = container.parse_header(data)
     ends = header_length + np.cumsum([s.length for s in header.sections])
-    layer_ends = [int(e) for e in ends[1:]]
+    # Layers formed by rate end inside sections: a layer's row is that prefix of the stream.
+    layer_ends = ([header_length + e for e in header.layer_ends] if header.layer_ends
+                  else [int(e) for e in ends[1:]])
     offsets = {int(o) for o in np.geomspace(ends[0], len(data), cuts)}
     sizes = sorted(set(layer_ends) | offsets)
     rows = []
@@ -364,6 +366,11 @@ def pcodec_rows(model, image: np.ndarray, cuts: int, refine: int = 0):
             rows.append({"kind": "layer", "layers": layer_ends.index(size) + 1, **common})
         if size in offsets:  # the same log-spaced fractions of every stream: averaged by rank
             rows.append({"kind": "cut", "layers": None, **common})
+    if model.layer_bpp:  # a stream shorter than the top rates has fewer layers: the whole
+        # stream stands for the missing ones, so that the means over images keep every layer
+        last = [row for row in rows if row["kind"] == "layer"][-1]
+        for layers in range(last["layers"] + 1, len(model.layer_bpp) + 2):
+            rows.append({**last, "layers": layers})
     return rows
 
 
@@ -489,7 +496,28 @@ def summarize(rows, images: int) -> dict:
     delta_psnr = {a: {b: bd_psnr(curves[b]["bpp"], curves[b]["psnr"], curves[a]["bpp"], curves[a]["psnr"])
                       for b in names} for a in names}
     return {"curves": curves, "bd_rate_percent": matrix, "bd_psnr_db": delta_psnr,
-            "pcodec_cuts": cut_statistics(rows)}
+            "pcodec_cuts": cut_statistics(rows),
+            "per_image_bd_rate_vs_reference_percent": per_image_bd_rates(rows)}
+
+
+def per_image_bd_rates(rows) -> dict:
+    """Per codec: the mean and median over images of each image's own BD-rate against the
+    reference. Unlike the BD-rate of the mean curves, it does not depend on whether a codec's
+    points sit at the same rates in every image (JPEG 2000's layers do; layers formed by
+    quality do not, and a mean of points at varied rates lies below the images' curves)."""
+    per_image: dict[str, dict[str, list]] = {}
+    for row in rows:
+        per_image.setdefault(row["codec"], {}).setdefault(row["image"], []).append(row)
+    reference = per_image.get(REFERENCE, {})
+    result = {}
+    for codec, images in per_image.items():
+        values = [bd_rate([r["bpp"] for r in reference[name]], [r["psnr"] for r in reference[name]],
+                          [r["bpp"] for r in points], [r["psnr"] for r in points])
+                  for name, points in images.items() if name in reference]
+        values = [v for v in values if v is not None]
+        if values and codec != REFERENCE:
+            result[codec] = {"mean": float(np.mean(values)), "median": float(np.median(values))}
+    return result
 
 
 def cut_statistics(rows) -> dict:
@@ -536,6 +564,12 @@ def table(result: dict) -> str:
             f"{max(curve['psnr']):.2f} | {curve['encode_s']:.3f} | {curve['decode_s']:.3f} |")
     if result.get("pcodec_refine"):
         lines.append(f"\npcodec streams encoded with --refine {result['pcodec_refine']}")
+    per_image = result.get("per_image_bd_rate_vs_reference_percent") or {}
+    for name in ("pcodec", "pcodec (byte cuts)"):
+        if name in per_image:
+            lines.append(f"\n{name}: each image's own BD-rate vs {REFERENCE.split(' (')[0]} "
+                         f"(layered) {per_image[name]['mean']:+.1f} % mean, "
+                         f"{per_image[name]['median']:+.1f} % median")
     cuts = result.get("pcodec_cuts") or {}
     if cuts.get("bd_rate_cuts_vs_layers_percent_mean") is not None:
         lines.append(

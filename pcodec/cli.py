@@ -313,6 +313,11 @@ def _quiet(obj: dict, quiet: bool) -> bool:
               help="At most N bytes per file (the stream is cut there, as truncate does).")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="At most B bits per pixel per file (the same cut, sized per image).")
+@click.option("--layer-bpp", callback=lambda ctx, param, value: _parse_layer_bpp(value),
+              default=None, metavar="B1,B2,...",
+              help="Quality layers that end at these file sizes in bits per pixel, as JPEG "
+              "2000's rate layers do (increasing; the rest of the stream is one more layer), "
+              "or 'none': one layer per quantization layer [default: the model's rates].")
 @click.option("--refine", type=click.IntRange(min=0, max=10000), default=0, show_default=True,
               metavar="STEPS", help="Refine each image's latent by STEPS gradient steps: "
               "smaller files for the same quality at every layer, about 0.8 s per step for a "
@@ -323,8 +328,8 @@ def _quiet(obj: dict, quiet: bool) -> bool:
 @jobs_option
 @quiet_option
 @click.pass_obj
-def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, refine, max_pixels, force,
-           device, jobs, quiet):
+def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, layer_bpp, refine, max_pixels,
+           force, device, jobs, quiet):
     """Encode images (PNG, JPEG, TIFF, BMP, PPM, WebP, ...; '-' for stdin) to .pcb streams."""
     if max_bytes is not None and bpp is not None:
         raise click.UsageError("give --bytes or --bpp, not both")
@@ -332,13 +337,30 @@ def encode(obj, inputs, output, model_id, layers, max_bytes, bpp, refine, max_pi
     _prepare_folder(output, len(inputs))
     batch = Batch(quiet, len(inputs), _parallel_jobs(inputs, jobs))
     batch.run_all(_encode_one, inputs, output, len(inputs), model_id, layers, max_pixels,
-                  force, quiet, device, max_bytes, bpp, refine,
+                  force, quiet, device, max_bytes, bpp, refine, layer_bpp,
                   outputs=lambda path: _output_for(path, output, len(inputs), ".pcb"))
     batch.finish()
 
 
+def _parse_layer_bpp(value):
+    """--layer-bpp: None (the model's), () for 'none', or the increasing positive rates."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        rates = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected rates like 0.15,0.3,0.6 or 'none'") from None
+    if not (rates and all(0 < a < b for a, b in zip(rates, rates[1:] + (float("inf"),)))
+            and len(rates) < container.MAX_LAYERS):
+        raise click.BadParameter(f"{value!r}: rates must be positive and increasing "
+                                 f"(at most {container.MAX_LAYERS - 1})")
+    return rates
+
+
 def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
-                device="cpu", max_bytes=None, bpp=None, refine=0) -> str:
+                device="cpu", max_bytes=None, bpp=None, refine=0, layer_bpp=None) -> str:
     from . import engine, models
     from .imageio import check_free, read_image, write_bytes
     from .imageio import max_pixels as pixel_limit
@@ -350,9 +372,11 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
     pixels = read_image(path, pixel_limit(max_pixels),
                         (lambda message: None) if quiet else (lambda m: _say(f"pcodec: warning: {m}")))
     model = models.load(model_id, device)
-    if layers is not None and layers > model.layers:
-        raise UsageError(f"--layers {layers}: the model has {model.layers} layers")
-    data = engine.encode(model, pixels, layers, refine)
+    rates = model.layer_bpp if layer_bpp is None else layer_bpp
+    most = len(rates) + 1 if rates else model.layers
+    if layers is not None and layers > most:
+        raise UsageError(f"--layers {layers}: the streams have at most {most} layers")
+    data = engine.encode(model, pixels, layers, refine, layer_bpp)
     height, width = pixels.shape[:2]
     if bpp is not None:
         max_bytes = int(bpp * width * height / 8)
@@ -361,10 +385,9 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
             raise UsageError(f"--bpp {bpp}: {max_bytes} bytes for this image, below its smallest "
                              f"valid stream ({smallest} bytes = "
                              f"{8 * smallest / (width * height):.4f} bpp)")
-    coded_layers = layers or model.layers
     if max_bytes is not None:
         data = container.truncate(data, None, max_bytes, width * height)
-        coded_layers = container.parse_header(data, width * height)[0].layers
+    coded_layers = container.parse_header(data, width * height)[0].layers
     write_bytes(out, data, overwrite=force)
     return _stats(path, out, len(data), width, height, coded_layers, time.perf_counter() - start)
 
@@ -427,14 +450,13 @@ def _decode_one(path, output, total, layers, max_bytes, partial, midpoint, max_p
     decoded = engine.decode_detailed(model, data, layers, max_bytes, partial, not midpoint, limit)
     write_bytes(out, encode_image(decoded.pixels, out), overwrite=force)
     wanted = header.layers if layers is None else layers
-    cut_inside = decoded.partial[-1:] == [True]
+    cut_inside = decoded.last_layer_cut
     if partial and not quiet and max_bytes is None and (decoded.layers < wanted or cut_inside):
         whole = decoded.layers - cut_inside
         _say(f"pcodec: warning: {path}: stream cut or damaged: {whole} of {wanted} layers "
              f"whole{f', layer {decoded.layers} in part' if cut_inside else ''}")
     return _stats(path, out, decoded.bytes_used, header.width, header.height, decoded.layers,
-                  time.perf_counter() - start, " (last layer partial)" if any(decoded.partial)
-                  else "")
+                  time.perf_counter() - start, " (last layer partial)" if cut_inside else "")
 
 
 @main.command(epilog=EXIT_CODES)
@@ -506,6 +528,9 @@ def info(obj, inputs, as_json, partial, max_pixels, quiet):
             click.echo(f"  {entry['name']:<16}  {entry['bytes']:>9} bytes  up to "
                        f"{entry['cumulative_bytes']:>9} bytes = {entry['cumulative_bpp']:.4f} bpp"
                        f"  crc {entry['crc32']}{flag}")
+        for entry in d["quality_layers"]:  # layers formed by rate end inside the sections
+            click.echo(f"  quality layer {entry['layer']:<3} ends at {entry['cumulative_bytes']:>9} "
+                       f"bytes = {entry['cumulative_bpp']:.4f} bpp")
 
     for path in inputs:
         batch.run(path, lambda path=path: one(path))

@@ -6,6 +6,10 @@ Layout (docs/FORMAT.md has the full description):
 The section table up front gives each section's length, a "partial" flag (the section was cut
 inside: decode only the symbols its bytes determine) and its CRC32, so a prefix can be judged
 and truncated without touching the payload. No torch, no numpy.
+
+A stream's quality layers (what `--layers K` counts) are its sections (format 2), or, where
+the encoder formed them by rate as JPEG 2000 does (format 3), the payload prefixes listed in
+the header: any prefix decodes, so a layer may end inside a section.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from .errors import StreamError, UsageError
 MAGIC = b"\x89PCB\r\n\x1a\n"  # PNG-style: catches text-mode and 7-bit transfer damage
 # 2: probability tables and coding orders from detmath's portable arithmetic, layer 1 coded
 # with those tables too (format 1 used library kernels that differ between machines).
-VERSION = 2
+# 3: the same coding, with the quality layers' payload ends in the header (written only for
+# streams whose layers are formed by rate; others stay format 2, byte for byte).
+VERSION = 3
+READABLE = (2, 3)
+MAX_LAYERS = 64
 MAX_SECTIONS = 64
 MAX_MODEL_ID = 64
 DIGEST_BYTES = 8
@@ -40,11 +48,37 @@ class Header:
     model_id: str
     weights_digest: bytes
     sections: tuple[Section, ...] = field(default_factory=tuple)
+    # Payload bytes at the end of each quality layer, increasing (format 3; the last may lie
+    # past the payload: that layer was cut inside); empty: the layers are the sections.
+    layer_ends: tuple[int, ...] = ()
+
+    @property
+    def version(self) -> int:
+        return 3 if self.layer_ends else 2
+
+    @property
+    def coded_layers(self) -> int:
+        """Quantization layers present (complete or partial); the first section is ẑ."""
+        return max(0, len(self.sections) - 1)
 
     @property
     def layers(self) -> int:
-        """Quantization layers present (complete or partial); the first section is ẑ."""
-        return max(0, len(self.sections) - 1)
+        """Quality layers present (complete or partial)."""
+        if not self.layer_ends:
+            return self.coded_layers
+        return self.layers_within(self.payload_length)[0]
+
+    def layers_within(self, payload: int) -> tuple[int, bool]:
+        """Format 3: the quality layers that the first `payload` bytes of the payload reach,
+        and whether the last of them is cut inside (ẑ alone: none)."""
+        whole = sum(end <= payload for end in self.layer_ends)
+        start = self.layer_ends[whole - 1] if whole else self.hyper_length
+        cut = whole < len(self.layer_ends) and payload > start
+        return whole + cut, cut
+
+    @property
+    def hyper_length(self) -> int:
+        return self.sections[0].length if self.sections else 0
 
     @property
     def payload_length(self) -> int:
@@ -91,15 +125,39 @@ def pack_header(header: Header) -> bytes:
     for section in header.sections:
         fields += _varint(section.length) + bytes([int(section.partial)])
         fields += struct.pack(">I", section.crc)
+    if header.layer_ends:  # format 3: each quality layer's payload bytes
+        fields += bytes([len(header.layer_ends)])
+        for previous, end in zip((0,) + header.layer_ends, header.layer_ends):
+            fields += _varint(end - previous)
     length = len(MAGIC) + 1 + 4 + len(fields) + 4
-    body = MAGIC + bytes([VERSION]) + struct.pack(">I", length) + bytes(fields)
+    body = MAGIC + bytes([header.version]) + struct.pack(">I", length) + bytes(fields)
     return body + struct.pack(">I", zlib.crc32(body))
 
 
 def pack(width: int, height: int, model_id: str, weights_digest: bytes,
-         sections: list[bytes]) -> bytes:
+         sections: list[bytes], layer_sizes=()) -> bytes:
+    """The stream of these sections; with `layer_sizes` (bytes, increasing), its quality
+    layers formed by rate: layer k is the longest prefix of the stream that takes at most
+    layer_sizes[k] bytes (at least ẑ's section; the file `truncate` makes of it is a few
+    header bytes shorter), and the rest of the stream one last layer."""
     header = Header(width, height, model_id, weights_digest)
+    if layer_sizes:
+        header = replace(header, layer_ends=_rate_layer_ends(header, sections, layer_sizes))
     return repack(header, sections, [False] * len(sections))
+
+
+def _rate_layer_ends(header: Header, sections: list[bytes], sizes) -> tuple[int, ...]:
+    total = sum(len(s) for s in sections)
+    table = tuple(Section(len(s), 0) for s in sections)
+    ends: tuple[int, ...] = (total,)
+    for _ in range(4):  # the header's length depends on the ends' varints: settles in two
+        head = len(pack_header(replace(header, sections=table, layer_ends=ends)))
+        fitted = tuple(sorted({min(max(size - head, len(sections[0])), total)
+                               for size in sizes} | {total}))[-MAX_LAYERS:]
+        if fitted == ends:
+            break
+        ends = fitted
+    return ends
 
 
 def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, int]:
@@ -115,9 +173,10 @@ def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Hea
     version = data[len(MAGIC)]
     if version == 1:
         raise StreamError("format version 1 stream: its tables depended on the machine that "
-                          "wrote it and this pcodec reads only version 2; re-encode the image")
-    if version != VERSION:
-        raise StreamError(f"unsupported .pcb format version {version} (this pcodec reads {VERSION})")
+                          "wrote it and this pcodec reads only versions 2 and 3; re-encode the image")
+    if version not in READABLE:
+        raise StreamError(f"unsupported .pcb format version {version} (this pcodec reads "
+                          f"versions {READABLE[0]} to {READABLE[-1]})")
     (length,) = struct.unpack(">I", data[len(MAGIC) + 1:len(MAGIC) + 5])
     if length < len(MAGIC) + 9 or length > 1 << 16:
         raise StreamError(f"corrupt header: implausible header length {length}")
@@ -152,9 +211,21 @@ def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Hea
             raise StreamError("corrupt header: unknown section flags")
         (section_crc,) = struct.unpack(">I", reader.take(4))
         sections.append(Section(section_length, section_crc, bool(flags)))
+    header = Header(width, height, model_id, digest, tuple(sections))
+    if version == 3:
+        layer_count = reader.take(1)[0]
+        if not 1 <= layer_count <= MAX_LAYERS:
+            raise StreamError(f"corrupt header: {layer_count} quality layers")
+        ends = [reader.varint() for _ in range(layer_count)]
+        ends = tuple(sum(ends[:k + 1]) for k in range(layer_count))
+        if (ends[0] < header.hyper_length or ends[-1] < header.payload_length
+                or (len(ends) > 1 and ends[-2] >= header.payload_length)
+                or any(b <= a for a, b in zip(ends, ends[1:]))):
+            raise StreamError("corrupt header: quality layers do not fit the sections")
+        header = replace(header, layer_ends=ends)
     if reader.position != length - 4:
         raise StreamError("corrupt header: trailing bytes in header")
-    return Header(width, height, model_id, digest, tuple(sections)), length
+    return header, length
 
 
 def split_sections(data: bytes, header: Header, header_length: int, cut_ok: bool = False,
@@ -200,7 +271,11 @@ def cut(header: Header, payloads: list[bytes], partial: list[bool], layers: int 
     if layers is not None:
         if layers < 0:
             raise UsageError("--layers must be at least 0")
-        payloads, partial = payloads[:layers + 1], partial[:layers + 1]
+        if not header.layer_ends:
+            payloads, partial = payloads[:layers + 1], partial[:layers + 1]
+        elif layers < len(header.layer_ends):
+            limit = header.layer_ends[layers - 1] if layers else header.hyper_length
+            payloads, partial = _payload_prefix(payloads, partial, limit)
     kept: list[tuple[bytes, bool]] = []
     for payload, is_partial in zip(payloads, partial):
         candidate = kept + [(payload, is_partial)]
@@ -222,9 +297,30 @@ def cut(header: Header, payloads: list[bytes], partial: list[bool], layers: int 
     return [p for p, _ in kept], [f for _, f in kept]
 
 
+def _payload_prefix(payloads: list[bytes], partial: list[bool], limit: int):
+    """The sections of the first `limit` payload bytes, the last cut inside if it must be."""
+    kept, kept_partial, room = [], [], limit
+    for payload, is_partial in zip(payloads, partial):
+        if room <= 0:
+            break
+        kept.append(payload[:room])
+        kept_partial.append(is_partial or room < len(payload))
+        room -= len(payload)
+    return kept, kept_partial
+
+
+def _with_sections(header: Header, table: tuple[Section, ...]) -> Header:
+    """The header of a stream holding these sections: the quality layers the payload
+    reaches, the last with its own end (past the payload where it was cut inside)."""
+    total = sum(s.length for s in table)
+    ends = header.layer_ends
+    ends = tuple(e for e in ends if e < total) + tuple(e for e in ends if e >= total)[:1]
+    return replace(header, sections=table, layer_ends=ends)
+
+
 def repack(header: Header, payloads: list[bytes], partial: list[bool]) -> bytes:
     table = tuple(Section(len(p), zlib.crc32(p), f) for p, f in zip(payloads, partial))
-    return pack_header(replace(header, sections=table)) + b"".join(payloads)
+    return pack_header(_with_sections(header, table)) + b"".join(payloads)
 
 
 def truncate(data: bytes, layers: int | None = None, max_bytes: int | None = None,
@@ -243,4 +339,4 @@ def smallest_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
 
 def _packed_size(header: Header, kept) -> int:
     table = tuple(Section(len(p), 0, f) for p, f in kept)
-    return len(pack_header(replace(header, sections=table))) + sum(len(p) for p, _ in kept)
+    return len(pack_header(_with_sections(header, table))) + sum(len(p) for p, _ in kept)

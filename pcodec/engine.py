@@ -191,12 +191,16 @@ def analyse(model: LoadedModel, image: np.ndarray, refine: int = 0, layers: int 
 
 
 def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None,
-           refine: int = 0) -> bytes:
+           refine: int = 0, layer_bpp=None) -> bytes:
     """The stream of an image (its first `layers` layers), its latent refined by `refine`
-    gradient steps (refine.py; 0: the analysis transform's own)."""
+    gradient steps (refine.py; 0: the analysis transform's own). Its quality layers end at
+    the file sizes `layer_bpp` (bits per pixel; default the model's, container.pack), or are
+    the quantization layers (`layer_bpp` empty, or a model without rates)."""
     height, width = image.shape[:2]
+    rates = model.layer_bpp if layer_bpp is None else tuple(layer_bpp)
+    sizes = [int(rate * height * width / 8) for rate in rates or ()]
     with stage("analysis transforms"):
-        y, z_hat = analyse(model, image, refine, layers)
+        y, z_hat = analyse(model, image, refine, None if sizes else layers)
     with stage("prior (h_s, float64)"):
         state, fragile = new_state(model, z_hat)
     with stage("hyper-latent coding"):
@@ -204,10 +208,11 @@ def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None,
     y_units = (y - state.mu).reshape(-1) / model.unit[state.channel]
     del y
     with stage("layer coding (tables + range coder)"):
-        for layer in range(layers or model.layers):
+        for layer in range(model.layers if sizes else layers or model.layers):
             sections.append(encode_layer(model, state, layer, y_units))
-    return container.pack(width, height, model.model_id,
-                          model.digest[: container.DIGEST_BYTES], sections)
+    data = container.pack(width, height, model.model_id,
+                          model.digest[: container.DIGEST_BYTES], sections, sizes)
+    return container.truncate(data, layers) if sizes and layers is not None else data
 
 
 def latent_shapes(model: LoadedModel, height: int, width: int):
@@ -221,8 +226,8 @@ def check_model(model: LoadedModel, header: container.Header):
         raise StreamError(f"stream was made with different weights for model "
                           f"{header.model_id!r} (digest {header.weights_digest.hex()}, "
                           f"this pcodec has {model.digest[:container.DIGEST_BYTES].hex()})")
-    if header.layers > model.layers:
-        raise StreamError(f"stream claims {header.layers} layers; model has {model.layers}")
+    if header.coded_layers > model.layers:
+        raise StreamError(f"stream claims {header.coded_layers} layers; model has {model.layers}")
 
 
 def decode_latents(model: LoadedModel, header: container.Header, payloads, partial):
@@ -268,7 +273,7 @@ def synthesis_float(model: LoadedModel, y_hat: np.ndarray,
     """The image (3, 16h, 16w) of the reconstructed latent (M, h, w), float32 in [0, 1] (not
     clamped), post-filtered for `layers` layers (None: not): numpy on the CPU (no torch),
     torch where the model was placed on a GPU. The filter runs inside each tile, whose
-    margin covers its 8 pixels of context too."""
+    margin covers its context too (8 pixels, 18 with a coarse branch)."""
     post = post_filter_position(model, layers)
     with stage("synthesis transform"):
         if model.on_cpu:
@@ -396,7 +401,19 @@ class Decoded:
 
     @property
     def layers(self) -> int:
-        return max(0, len(self.payloads) - 1)
+        """Quality layers it was decoded from, the last possibly in part."""
+        return self._reach[0]
+
+    @property
+    def last_layer_cut(self) -> bool:
+        """Whether the last of those layers was decoded in part."""
+        return self._reach[1]
+
+    @property
+    def _reach(self) -> tuple[int, bool]:
+        if self.header.layer_ends:
+            return self.header.layers_within(sum(len(p) for p in self.payloads))
+        return max(0, len(self.payloads) - 1), len(self.partial) > 1 and self.partial[-1]
 
     @property
     def bytes_used(self) -> int:

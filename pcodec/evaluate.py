@@ -40,6 +40,14 @@ def layer_points(model, image: np.ndarray, data: bytes | None = None,
     return points
 
 
+def quality_layer_points(model, image: np.ndarray, data: bytes):
+    """(bytes, PSNR) of each quality layer of a stream whose layers are formed by rate
+    (format 3): the stream's prefix where the layer ends, as `decode --layers` decodes it."""
+    header, header_length = container.parse_header(data)
+    sizes = [header_length + end for end in header.layer_ends]
+    return [(size, psnr(pixels, image)) for size, pixels in engine.decode_prefixes(model, data, sizes)]
+
+
 def prior_scale_saturation(model, data: bytes) -> float:
     """The fraction of latent elements whose prior σ is the top of the coder's table
     (quant.SCALE_MAX). Training clamps σ there too, with no gradient beyond it, so a latent
@@ -54,7 +62,8 @@ def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
                      with_midpoint: bool = False) -> dict:
     """Mean bpp and PSNR per layer (layers 1..L) over the images of a folder, the share of
     prior scales at the table's top, and how many channels each refinement layer can refine
-    at all (quant.layers_in_use: from the steps)."""
+    at all (quant.layers_in_use: from the steps). Weights whose streams form their layers
+    by rate: per quality layer (an image with fewer, its whole stream in the missing ones)."""
     from .models import load_weights_file
 
     model = load_weights_file(weights_path)
@@ -63,7 +72,11 @@ def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
         image = read_image(str(path), 1 << 30)
         pixels = image.shape[0] * image.shape[1]
         data = engine.encode(model, image)
-        points = layer_points(model, image, data, with_midpoint=with_midpoint)[1:]
+        if model.layer_bpp:
+            points = quality_layer_points(model, image, data)
+            points += points[-1:] * (len(model.layer_bpp) + 1 - len(points))
+        else:
+            points = layer_points(model, image, data, with_midpoint=with_midpoint)[1:]
         rows.append([(8 * p[0] / pixels,) + p[1:] for p in points])
         saturation.append(prior_scale_saturation(model, data))
     mean = np.mean(rows, axis=0)  # (layers, fields)
@@ -71,7 +84,7 @@ def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
               "psnr": [round(float(v), 3) for v in mean[:, 1]],
               "prior_scale_at_max": round(float(np.mean(saturation)), 4)}
     result["layers_in_use"] = layers_in_use(model.int_steps)
-    if with_midpoint:
+    if with_midpoint and not model.layer_bpp:
         result["psnr_midpoint_reconstruction"] = [round(float(v), 3) for v in mean[:, 2]]
     return result
 

@@ -26,6 +26,12 @@ def save_atomic(obj, path: Path):
 # say what it cost. gpu_seconds is the part of seconds spent on a GPU; host_seconds splits
 # seconds by machine (a campaign moves between hosts whose throughput differs 2x).
 STATE_KEYS = ("step", "seconds", "gpu_seconds", "images", "history", "host_seconds")
+# Where the quality layers of new weights' streams end (format 3), bits per pixel: 1.5x
+# apart from 0.15, the rest of the stream one more layer. Fixed rates, as JPEG 2000's layers
+# have: layers formed by the quantization steps end at rates that vary fourfold between
+# Kodak images (0.09-0.37 bpp at layer 1), and a layer averaged over images at varied rates
+# lies below the images' own curves (docs/gdn320.md, 2026-12-07).
+LAYER_BPP = (0.15, 0.225, 0.34, 0.5, 0.76, 1.14, 1.7)
 
 
 def export_weights(model, config: TrainConfig, state: dict, path: Path,
@@ -44,7 +50,8 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
              "state": json.loads(json.dumps(
                  {k: state[k] for k in STATE_KEYS if k in state},
                  default=float)),
-             "reconstruction_spreads": model.reconstruction_spreads.clone()}
+             "reconstruction_spreads": model.reconstruction_spreads.clone(),
+             "layer_bpp": list(LAYER_BPP)}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
         from dataclasses import replace
@@ -135,7 +142,11 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
 
     saved = torch.load(weights_path, weights_only=True)
     state, config = saved["state"], saved["config"]
-    post_hours = 0.0 if post_filter is None else post_filter["hours"] + post_filter["decoding_hours"]
+    post_hours = 0.0
+    if post_filter is not None:
+        from .postfilter import training_hours
+
+        post_hours = training_hours(post_filter)
     history = state["history"]
     recent = [r["images_per_s"] for r in history[-20:]]
     entry = {
@@ -146,7 +157,9 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
                         f"N={config['N']} M={config['M']}, "
                         f"{len(config['lambdas'])}-layer learned nested quantizer"
                         + ("" if post_filter is None else
-                           f", post-filter told the layer (width {post_filter['width']})"),
+                           f", post-filter told the layer (width {post_filter['width']}"
+                           + (f", quarter-resolution branch {post_filter['coarse']}"
+                              if post_filter.get("coarse") else "") + ")"),
         "config": config,
         "training": {
             "data": "../shared/data/train (638 natural photos, see its SOURCES.md)",
@@ -167,8 +180,11 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         entry["training"]["note"] = note
     if post_filter is not None:
         entry["training"]["post_filter"] = post_filter
-        hours = entry["training"]["hours_by_machine"]
-        hours[post_filter["host"]] = round(hours.get(post_filter["host"], 0) + post_hours, 3)
+        hours, link = entry["training"]["hours_by_machine"], post_filter
+        while link is not None:  # this filter and those it went on from, each on its host
+            spent = link["hours"] + link["decoding_hours"]
+            hours[link["host"]] = round(hours.get(link["host"], 0) + spent, 3)
+            link = link.get("continues")
     if gain_data is not None:
         entry["coding_order"] = ("keys weighted by each channel's synthesis gain "
                                  f"(channel_gain.py), measured on photos of {gain_data}")

@@ -307,29 +307,42 @@ def post_filter(state: dict):
     and biases (a gain scales a whole output channel), each layer's once."""
     if "post.gains" not in state:
         return None
-    keys = ("post.head", "post.body.0", "post.body.1", "post.tail")
+    keys = ["post.head", "post.body.0", "post.body.1", "post.tail"]
+    # Per layer, one row of gains per convolution (each as wide as its output).
+    gain_tables = [*state["post.gains"].transpose(1, 0, 2), state["post.out_gains"]]
+    coarse = "post.coarse_gains" in state
+    if coarse:  # the branch's convolutions after the tail's; 1x1 weights as (1, 1, Cin, Cout)
+        keys += ["post.down", "post.coarse.0", "post.coarse.1"]
+        gain_tables += [*state["post.coarse_gains"].transpose(1, 0, 2)]
+        up = (conv_weight(state["post.up.weight"], np.float32)[0, 0],
+              state["post.up.bias"].astype(np.float32))
     weights = [(conv_weight(state[key + ".weight"], np.float64),
                 state[key + ".bias"].astype(np.float64)) for key in keys]
-    gains, out_gains = state["post.gains"].astype(np.float64), state["post.out_gains"].astype(np.float64)
+    gain_tables = [table.astype(np.float64) for table in gain_tables]
+    layers = len(gain_tables[0])
 
-    def folded(scales):
+    def folded(low, high=None, share=0.0):
+        scales = [table[low] if high is None else (1 - share) * table[low] + share * table[high]
+                  for table in gain_tables]
         return [((weight * scale).astype(np.float32), (bias * scale).astype(np.float32))
                 for (weight, bias), scale in zip(weights, scales)]
-    per_layer = [folded([*gains[layer], out_gains[layer]]) for layer in range(len(gains))]
+    per_layer = [folded(layer) for layer in range(layers)]
 
     def run(x: np.ndarray, position: float) -> np.ndarray:
-        low = min(int(position), len(gains) - 1)
+        low = min(int(position), layers - 1)
         share = position - low
-        if share == 0:
-            convs = per_layer[low]
-        else:
-            high = min(low + 1, len(gains) - 1)
-            convs = folded([*((1 - share) * gains[low] + share * gains[high]),
-                            (1 - share) * out_gains[low] + share * out_gains[high]])
+        convs = per_layer[low] if share == 0 else folded(low, min(low + 1, layers - 1), share)
         hidden = pixel_unshuffle(np.asarray(x, np.float32), 2)
-        *hidden_convs, (tail_weight, tail_bias) = convs
-        for weight, bias in hidden_convs:
+        for weight, bias in convs[:3]:
             hidden = _leaky_relu(conv3x3(hidden, weight, bias))
+        if coarse:
+            (down, down_bias), *branch = convs[4:]
+            low_res = pixel_unshuffle(hidden, 2)
+            low_res = _leaky_relu(np.matmul(low_res, down[0, 0]) + down_bias)
+            for weight, bias in branch:
+                low_res = _leaky_relu(conv3x3(low_res, weight, bias))
+            hidden = hidden + pixel_shuffle(np.matmul(low_res, up[0]) + up[1], 2)
+        tail_weight, tail_bias = convs[3]
         return x + pixel_shuffle(conv3x3(hidden, tail_weight, tail_bias), 2)
     return run
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
+from . import container, quant
 from .errors import ModelError, RuntimeIOError, UsageError
 
 Z_RANGE = 64  # hyper-latent symbols -Z_RANGE..Z_RANGE; the two ends are escapes
@@ -99,6 +99,9 @@ class LoadedModel:
     defer_keys: np.ndarray | None = None
     # inference.post_filter: f(x̂, layer) after the synthesis (postfilter.py); None: none
     post_filter: object = None
+    # The file sizes (bpp) at which its streams' quality layers end (format 3; the rest of
+    # the stream is one more layer); None: the quantization layers are the quality layers
+    layer_bpp: tuple | None = None
     _network: object = None
 
     @property
@@ -169,6 +172,11 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
             (0 <= spreads) & (spreads < len(RECONSTRUCTION_SPREADS)))):
         raise RuntimeIOError(f"cannot load model weights {path}: reconstruction spreads of "
                              f"shape {np.shape(spreads)}, not ({len(int_steps)},), or out of range")
+    layer_bpp = saved.get("layer_bpp")  # absent in weights whose layers are the sections
+    if layer_bpp is not None and not (0 < len(layer_bpp) < container.MAX_LAYERS and all(
+            0 < a < b for a, b in zip(layer_bpp, list(layer_bpp[1:]) + [float("inf")]))):
+        raise RuntimeIOError(f"cannot load model weights {path}: layer rates {layer_bpp!r} "
+                             "are not increasing and positive")
     defer_keys = saved.get("defer_keys")  # absent before the layers' thresholds
     if defer_keys is not None and np.shape(defer_keys) != int_steps.shape[:1]:
         raise RuntimeIOError(f"cannot load model weights {path}: deferral thresholds of shape "
@@ -180,7 +188,7 @@ def load_weights_file(path: Path, model_id: str | None = None) -> LoadedModel:
                        RECONSTRUCTION_SPREADS[np.full(len(int_steps), DEFAULT_SPREAD_INDEX)
                                               if spreads is None else np.asarray(spreads)],
                        None if defer_keys is None else np.asarray(defer_keys, np.int64),
-                       post_filter)
+                       post_filter, None if layer_bpp is None else tuple(map(float, layer_bpp)))
 
 
 @lru_cache(maxsize=4)

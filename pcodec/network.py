@@ -48,6 +48,7 @@ class NetworkConfig:
     design: str = "gdn5"  # transforms.DESIGNS
     blocks: tuple = (1, 1, 1)  # "pu": residual blocks at 1/4, 1/8, 1/16
     post_filter: int = 0  # width of the post-filter after g_s (postfilter.py); 0: none
+    post_coarse: int = 0  # channels of its quarter-resolution branch; 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,7 +195,7 @@ class HyperpriorNetwork(nn.Module):
         if config.post_filter:  # keys "post.", as weights files carry it
             from .postfilter import PostFilter
 
-            self.post = PostFilter(L, config.post_filter)
+            self.post = PostFilter(L, config.post_filter, config.post_coarse)
         ladder = torch.linspace(math.log(config.coarsest_step), math.log(config.finest_step), L)
         self.log_steps = nn.Parameter(ladder.view(L, 1).repeat(1, M))
         # σ's range is the coder's table × 2^scale_shift (quant.scale_shift_for); a buffer,

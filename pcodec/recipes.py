@@ -67,6 +67,9 @@ class TrainConfig:
     # Width of a post-filter after g_s, told the layer (postfilter.PostFilter), trained with
     # the synthesis ("synthesis", "transforms") from --init weights that carry one; 0: none.
     post_filter: int = 0
+    # Channels of the filter's quarter-resolution branch (0: none). With `pcodec train
+    # --post-filter WEIGHTS` whose weights carry a filter, the branch is added to it.
+    post_coarse: int = 0
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one
     # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and
@@ -138,10 +141,12 @@ def network_config(config: TrainConfig):
     layers = len(config.lambdas)
     if config.design == "gdn5":
         return NetworkConfig(N=config.N, M=config.M, layers=layers,
-                             post_filter=config.post_filter)
+                             post_filter=config.post_filter,
+                             post_coarse=config.post_coarse)
     # The base stage quantizes y − μ on the unit grid: that is the finest layer's step.
     return NetworkConfig(N=config.N, M=config.M, layers=layers, design=config.design,
                          blocks=tuple(config.blocks), post_filter=config.post_filter,
+                         post_coarse=config.post_coarse,
                          finest_step=1.0,
                          coarsest_step=1.65 ** (layers - 1))
 

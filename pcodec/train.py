@@ -180,11 +180,12 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     checkpoint_path = run_dir / "checkpoint.pt"
     source = checkpoint_path if checkpoint_path.exists() else init_weights
     if source is not None and not config.post_filter:  # a fine-tune keeps the filter it has
-        # Memory-mapped: only the gains' shape is read here; the weights load once, below.
-        gains = torch.load(source, weights_only=False, map_location="cpu",
-                           mmap=True)["model"].get("post.gains")
-        if gains is not None:
-            config = replace(config, post_filter=int(gains.shape[-1]))
+        # Memory-mapped: only the gains' shapes are read here; the weights load once, below.
+        saved = torch.load(source, weights_only=False, map_location="cpu", mmap=True)["model"]
+        if "post.gains" in saved:
+            coarse = saved.get("post.coarse_gains")
+            config = replace(config, post_filter=int(saved["post.gains"].shape[-1]),
+                             post_coarse=0 if coarse is None else int(coarse.shape[-1]))
     torch.manual_seed(config.seed)  # the same initial weights on every run of a config
     # On its device before the optimizer sees it: restored Adam state follows the parameters.
     model = HyperpriorNetwork(network_config(config)).to(device)
@@ -637,7 +638,8 @@ def main(argv=None):
         from .postfilter import STEPS, train_post_filter
 
         train_post_filter(args.post_filter, args.data, run_dir, args.steps or STEPS,
-                          threads=config.threads, minutes=args.minutes)
+                          threads=config.threads, minutes=args.minutes,
+                          coarse=config.post_coarse)
         return
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
           minutes=args.minutes)

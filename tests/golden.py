@@ -2,8 +2,9 @@
 each shipped model), then
 decoded by every later build to the same latent, bit for bit (what the format defines), and
 to an image of the same quality (the synthesis arithmetic may change: bf16 or not, CPU or GPU).
-`python tests/golden.py` regenerates them (only on a format version bump);
-`python tests/golden.py --records` writes only missing streams and rewrites what is recorded.
+`python tests/golden.py` regenerates them (only on a format version bump that older streams
+do not survive); `python tests/golden.py --records` writes only missing streams and rewrites
+what is recorded (a new model, or a version that still reads the older streams).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def cases():
             ("gdn320-r1", "gdn320-r1", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # layers formed by deferral thresholds (coding.deferred)
             ("gdn320-r7", "gdn320-r7", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            # a post-filter told the layer (postfilter.py), and the same trained longer
-            ("gdn320-r8", "gdn320-r8", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
-            ("gdn320-r9", "gdn320-r9", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}])]
+            # a post-filter told the layer (postfilter.py)
+            ("gdn320-r9", "gdn320-r9", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
+            # quality layers formed by rate (format 3), a filter with a coarse branch
+            ("gdn320-r10", "gdn320-r10", 64, 96, 9, [{}, {"layers": 3}, {"layers": 6},
+                                                     {"max_bytes": 700}])]
 
 
 def decoded(model, data: bytes, options: dict) -> dict:

@@ -92,3 +92,21 @@ def test_nesting_cost_layer_one_is_the_uniform_quantizer(model, sample_image):
     quality = [row["psnr"] for row in rows]
     assert quality == sorted(quality) and quality[-1] > quality[0]
     assert all(row["uniform_bpp"] > 0 for row in rows)
+
+
+def test_each_images_own_bd_rate_does_not_depend_on_where_the_points_sit():
+    """Points on the reference's own curves, at other rates in each image: each image's
+    BD-rate is 0, while the BD-rate of the mean curves is not (a mean of points at varied
+    rates lies below the images' curves)."""
+    from pcodec.bench import REFERENCE, summarize
+
+    rates = np.array([0.25, 0.5, 1.0, 2.0, 4.0])
+    rows = []
+    for image, offset, shift in (("a", 30.0, 1.3), ("b", 20.0, 0.7)):
+        for codec, bpp in ((REFERENCE, rates), ("Other", rates * shift)):
+            rows += [{"image": image, "codec": codec, "bytes": int(1000 * b), "bpp": float(b),
+                      "psnr": offset + 6 * np.log2(b), "ms_ssim": None, "encode_s": 0.1,
+                      "decode_s": 0.1} for b in bpp]
+    result = summarize(rows, 2)
+    assert abs(result["per_image_bd_rate_vs_reference_percent"]["Other"]["mean"]) < 1e-6
+    assert result["bd_rate_percent"]["Other"][REFERENCE] > 1.0

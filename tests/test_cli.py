@@ -253,6 +253,34 @@ def test_encode_to_a_byte_budget_equals_encode_then_truncate(workdir):
     assert result.exit_code == 2 and not (workdir / "c.pcb").exists()
 
 
+def test_layers_at_rates_given_on_the_command_line(workdir):
+    """--layer-bpp: quality layers ending at those file sizes (format 3), the rest one more
+    layer; `info` lists them and `decode --layers K` / `truncate --layers K` use them."""
+    import json
+
+    width, height = Image.open(workdir / "img.png").size
+    assert pcodec("encode", "img.png", "--layer-bpp", "0.25,0.5", "-o", "r.pcb",
+                  cwd=workdir).exit_code == 0
+    document = json.loads(pcodec("info", "--json", "r.pcb", cwd=workdir).stdout)
+    assert document["format_version"] == 3 and document["layers"] == 3
+    ends = [layer["cumulative_bytes"] for layer in document["quality_layers"]]
+    assert ends[0] <= width * height * 0.25 / 8 < ends[0] + 1 and ends[2] == document["total_bytes"]
+    assert "quality layer 2" in pcodec("info", "r.pcb", cwd=workdir).stdout
+    assert pcodec("truncate", "r.pcb", "--layers", "2", "-o", "r2.pcb", cwd=workdir).exit_code == 0
+    assert (workdir / "r2.pcb").stat().st_size <= width * height * 0.5 / 8
+    for name in ("r.pcb", "r2.pcb"):
+        assert pcodec("decode", name, "--layers", "2", "-o", f"{name}.png", cwd=workdir).exit_code == 0
+    assert (workdir / "r.pcb.png").read_bytes() == (workdir / "r2.pcb.png").read_bytes()
+    assert pcodec("decode", "r2.pcb", "--layers", "3", cwd=workdir).exit_code == 2
+    assert pcodec("encode", "img.png", "--layer-bpp", "none", "-o", "s.pcb",
+                  cwd=workdir).exit_code == 0
+    assert json.loads(pcodec("info", "--json", "s.pcb", cwd=workdir).stdout)["format_version"] == 2
+    for bad in ("0.5,0.25", "0,1", "a,b", ""):
+        assert pcodec("encode", "img.png", "--layer-bpp", bad, "-o", "x.pcb",
+                      cwd=workdir).exit_code == 2
+    assert not (workdir / "x.pcb").exists()
+
+
 def test_device_option(workdir):
     import torch
 
@@ -355,7 +383,7 @@ def test_flags_and_exit_codes_are_the_same_across_commands(workdir):
 
 
 def test_partial_decoding_says_what_it_dropped_and_info_describes_the_same(workdir):
-    pcodec("encode", "img.png", "-o", "img.pcb", cwd=workdir)
+    pcodec("encode", "img.png", "--layer-bpp", "none", "-o", "img.pcb", cwd=workdir)  # layers = sections
     import json
 
     from pcodec import container

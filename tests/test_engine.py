@@ -66,8 +66,10 @@ def test_byte_cuts_never_lower_quality(model, sample_image, sample_stream):
 
 
 def test_cut_inside_a_layer_beats_the_layer_before(model, sample_image, sample_stream):
-    header, _ = container.parse_header(sample_stream)
-    ends = np.cumsum([s.length for s in header.sections]) + len(container.pack_header(header))
+    header, length = container.parse_header(sample_stream)
+    ends = length + np.cumsum([s.length for s in header.sections])  # ẑ's, then each layer's
+    if header.layer_ends:  # layers formed by rate
+        ends = length + np.array((header.hyper_length,) + header.layer_ends)
     for layer in (2, 4, 6):
         before = psnr(engine.decode(model, sample_stream, layers=layer - 1), sample_image)
         middle = (ends[layer - 1] + ends[layer]) // 2
@@ -232,7 +234,8 @@ def test_order_offsets_reorder_the_stream_without_changing_its_layers(model):
     channel with a large offset is coded first."""
     from dataclasses import replace
 
-    model = replace(model, defer_keys=None)  # thresholds on the keys would move layer ends
+    # Thresholds on the keys would move layer ends; layers formed by rate end at byte counts.
+    model = replace(model, defer_keys=None, layer_bpp=None)
     image = synthetic_image(96, 128, seed=6)
     offsets = np.zeros(len(model.unit), np.int64)
     offsets[5] = 10_000
@@ -264,7 +267,8 @@ def test_each_layer_codes_with_its_own_fitted_sigma_and_decodes_the_same_image(m
 
     from pcodec import calibration
 
-    model = replace(model, defer_keys=None)  # σ sets the keys, which thresholds would read
+    # σ sets the keys, which thresholds would read; the layers here are the sections.
+    model = replace(model, defer_keys=None, layer_bpp=None)
     image = synthetic_image(128, 128, seed=3)
     shape = (model.layers, len(model.unit))
     fitted = calibration.fit_scale_offsets(model, [image])
@@ -340,6 +344,7 @@ def test_reconstruction_spreads_change_the_image_never_the_stream(model, sample_
 
     from pcodec import calibration
 
+    model = replace(model, layer_bpp=None)  # each layer's spread is fitted to its section
     image = synthetic_image(128, 128, seed=3)
     fitted = calibration.fit_reconstruction_spreads(model, [image])
     assert fitted.shape == (model.layers,)
@@ -431,10 +436,12 @@ def test_first_layer_tables_built_pair_by_pair_equal_one_build_of_every_pair(mod
                           coding._first_layer_keys(at_once, every_scale, every_channel))
 
 
-def test_post_filter_changes_pixels_not_bytes_and_runs_across_tiles():
+@pytest.mark.parametrize("coarse", [0, 6])
+def test_post_filter_changes_pixels_not_bytes_and_runs_across_tiles(coarse):
     """A post-filter (postfilter.py) leaves every byte of the stream as it was; the decoder
     runs it inside each synthesis tile with the gains of the layers decoded whole, equal to
-    the filter over the whole image, and in torch (GPU decoding) as in numpy."""
+    the filter over the whole image, and in torch (GPU decoding) as in numpy; with a coarse
+    branch (its reach 4x the filter's) too."""
     from dataclasses import replace
 
     import torch
@@ -445,7 +452,7 @@ def test_post_filter_changes_pixels_not_bytes_and_runs_across_tiles():
     from pcodec.models import load_weights_file
 
     plain = load_weights_file(ROOT / "tests" / "data" / "tiny-test.pt")
-    post = {key: value.numpy() for key, value in random_post_filter(plain.layers).items()}
+    post = {key: value.numpy() for key, value in random_post_filter(plain.layers, coarse=coarse).items()}
     filtered = replace(plain, state={**plain.state, **post}, post_filter=inference.post_filter(post))
     image = synthetic_image(80, 600, seed=6)  # 40 latents wide: two synthesis tiles
     stream = engine.encode(plain, image)
@@ -481,3 +488,27 @@ def test_a_cut_inside_a_layer_takes_gains_between_its_neighbours(model, sample_i
     decoded = engine.decode(model, sample_stream, max_bytes=middle)
     assert np.array_equal(decoded, engine._render(model, y_hat, height, width, 2 + state.share))
     assert not np.array_equal(decoded, engine._render(model, y_hat, height, width, 2))
+
+
+def test_layers_formed_by_rate_decode_as_the_prefixes_they_are(model, sample_image, sample_stream):
+    """Quality layers at file sizes (format 3) hold the same sections as the stream whose
+    layers are the quantization layers; each decodes as the stream's prefix where it ends,
+    and as the file `truncate` makes of it; quality rises with every layer."""
+    pixels = sample_image.shape[0] * sample_image.shape[1]
+    plain = engine.encode(model, sample_image, layer_bpp=())
+    assert plain == sample_stream or model.layer_bpp  # format 2 for weights without rates
+    data = engine.encode(model, sample_image, layer_bpp=(0.3, 0.6, 1.2))
+    header, length = container.parse_header(data)
+    assert header.version == 3 and header.layers == 4
+    assert engine.read_stream(model, data)[1] == engine.read_stream(model, plain)[1]
+    previous = 0.0
+    for layers, rate in zip(range(1, 5), (0.3, 0.6, 1.2, None)):
+        end = length + header.layer_ends[layers - 1]
+        assert rate is None or end <= rate * pixels / 8 < end + 1
+        decoded = engine.decode(model, data, layers=layers)
+        assert np.array_equal(decoded, engine.decode(model, data, max_bytes=end))
+        assert np.array_equal(decoded, engine.decode(model, container.truncate(data, layers)))
+        assert psnr(decoded, sample_image) > previous
+        previous = psnr(decoded, sample_image)
+    assert engine.encode(model, sample_image, layers=2, layer_bpp=(0.3, 0.6, 1.2)) == \
+        container.truncate(data, 2)

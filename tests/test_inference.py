@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from pcodec import inference, ptfile
 
-WEIGHTS = [ROOT / "models" / "gdn320-r9.pt", ROOT / "models" / "gdn320-r8.pt",
+WEIGHTS = [ROOT / "models" / "gdn320-r10.pt", ROOT / "models" / "gdn320-r9.pt",
            ROOT / "models" / "gdn320-r7.pt",
            ROOT / "models" / "gdn320-r1.pt",
            ROOT / "models" / "hp128-dhq8-r6.pt",
@@ -92,25 +92,27 @@ def test_numpy_transforms_equal_torch_layers(design, one_row_blocks, monkeypatch
     assert np.abs(ours_prior - prior).max() < 1e-12 * np.abs(prior).max()
 
 
-def random_post_filter(layers: int, width: int = 8, seed: int = 5) -> dict:
+def random_post_filter(layers: int, width: int = 8, seed: int = 5, coarse: int = 0) -> dict:
     """A post-filter's state (keys "post.") with weights and per-layer gains away from their
-    initial values (the last convolution starts at zero)."""
+    initial values (the last convolution and the coarse branch's way back start at zero)."""
     from pcodec.postfilter import PostFilter
 
     torch.manual_seed(seed)
-    module = PostFilter(layers, width)
+    module = PostFilter(layers, width, coarse)
     for parameter in module.parameters():
         parameter.data += 0.1 * torch.randn_like(parameter)
     return {f"post.{key}": value for key, value in module.state_dict().items()}
 
 
-def test_numpy_post_filter_equals_torch_for_every_layer():
+@pytest.mark.parametrize("coarse", [0, 6])
+def test_numpy_post_filter_equals_torch_for_every_layer(coarse):
     from pcodec.postfilter import from_state
 
-    state = random_post_filter(layers=3)
+    state = random_post_filter(layers=3, coarse=coarse)
     module = from_state(state)
+    assert hasattr(module, "coarse") == bool(coarse)
     ours = inference.post_filter({key: value.numpy() for key, value in state.items()})
-    x = torch.rand(1, 3, 10, 14)
+    x = torch.rand(1, 3, 12, 16)
     outputs = []
     for layer in range(3):
         with torch.no_grad():

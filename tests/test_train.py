@@ -784,3 +784,24 @@ def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(phot
     stream, new_stream = engine.encode(old, image), engine.encode(new, image)
     assert engine.read_stream(new, new_stream)[1] == engine.read_stream(old, stream)[1]
     assert not np.array_equal(engine.decode(new, new_stream), engine.decode(old, stream))
+    # Weights with a filter: a coarse branch is added to it and starts as the filter was.
+    branch_run = tmp_path / "coarse"
+    postfilter.train_post_filter(models / "tiny-post.pt", photos, branch_run, steps=0,
+                                 **small, coarse=4)
+    export.export_model(branch_run, "tiny-coarse", None, "test", models_folder=models)
+    coarse = load_weights_file(models / "tiny-coarse.pt")
+    assert "post.coarse_gains" in coarse.state
+    assert np.array_equal(engine.decode(coarse, engine.encode(coarse, image)),
+                          engine.decode(new, new_stream))
+    postfilter.train_post_filter(models / "tiny-post.pt", photos, branch_run, steps=2, **small,
+                                 coarse=4)
+    entry = export.export_model(branch_run, "tiny-coarse", None, "test", models_folder=models)
+    coarse = load_weights_file(models / "tiny-coarse.pt")
+    assert entry["training"]["post_filter"]["continues"]["steps"] == 6
+    assert sum(entry["training"]["hours_by_machine"].values()) == pytest.approx(
+        entry["training"]["cpu_hours"], abs=0.002)
+    assert "quarter-resolution branch 4" in entry["architecture"]
+    coarse_stream = engine.encode(coarse, image)
+    assert engine.read_stream(coarse, coarse_stream)[1] == engine.read_stream(old, stream)[1]
+    assert not np.array_equal(engine.decode(coarse, coarse_stream),
+                              engine.decode(new, new_stream))
