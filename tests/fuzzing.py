@@ -44,7 +44,8 @@ def mutate(stream: bytes, rng: random.Random) -> tuple[str, bytes]:
     payloads, partial = container.split_sections(stream, header, length)
     if kind == "header_field":
         extreme = rng.choice([0, 1, 2**7 - 1, 2**14, 2**21 + 3, 2**32 - 1, 2**60])
-        field = rng.choice(["width", "height", "section_length", "sections", "model", "flags"])
+        field = rng.choice(["width", "height", "section_length", "sections", "model", "flags",
+                            "layer_ends"])
         sections = list(header.sections)
         if field in ("width", "height"):
             header = header.__class__(**{**header.__dict__, field: extreme})
@@ -53,6 +54,10 @@ def mutate(stream: bytes, rng: random.Random) -> tuple[str, bytes]:
             sections[index] = container.Section(extreme, sections[index].crc, sections[index].partial)
         elif field == "sections":
             sections = sections * rng.randrange(0, 8)
+        elif field == "layer_ends":  # quality layers ending anywhere (format 3)
+            ends = sorted(rng.choice([0, 1, extreme, rng.randrange(header.payload_length + 2)])
+                          for _ in range(rng.randrange(1, 4)))
+            header = header.__class__(**{**header.__dict__, "layer_ends": tuple(ends)})
         elif field == "model":
             header = header.__class__(**{**header.__dict__, "model_id": rng.choice(["x", "hp" * 20])})
         elif sections:
@@ -148,8 +153,11 @@ def check_cli_case(folder: Path, data: bytes, rng: random.Random) -> str:
 def sample_streams(model):
     from conftest import synthetic_image
 
-    return [(engine.encode(model, synthetic_image(h, w, seed)), (h, w, 3))
-            for seed, (h, w) in enumerate([(16, 24), (40, 56), (1, 1), (70, 9)])]
+    streams = [(engine.encode(model, synthetic_image(h, w, seed)), (h, w, 3))
+               for seed, (h, w) in enumerate([(16, 24), (40, 56), (1, 1), (70, 9)])]
+    # Quality layers formed by rate (format 3), ending inside sections.
+    return streams + [(engine.encode(model, synthetic_image(h, w, seed), layer_bpp=(1, 3, 6)),
+                       (h, w, 3)) for seed, (h, w) in enumerate([(40, 56), (70, 9)])]
 
 
 def main():
