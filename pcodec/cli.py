@@ -320,8 +320,8 @@ def _quiet(obj: dict, quiet: bool) -> bool:
               "or 'none': one layer per quantization layer [default: the model's rates].")
 @click.option("--refine", type=click.IntRange(min=0, max=10000), default=0, show_default=True,
               metavar="STEPS", help="Refine each image's latent by STEPS gradient steps: "
-              "smaller files for the same quality at every layer, about 0.8 s per step for a "
-              "768x512 image on 2 cores (40 steps: about 6 % fewer bits on Kodak).")
+              "smaller files for the same quality at every layer, about 1.5 s per step for a "
+              "768x512 image on 2 cores (40 steps: about 5 % fewer bits on Kodak).")
 @max_pixels_option
 @force_option
 @device_option
