@@ -48,8 +48,7 @@ def encode(image, layers: int | None = None, model: str | None = None,
     from .errors import UsageError
 
     loaded = _model(model, device)
-    rates = loaded.layer_bpp if layer_bpp is None else tuple(layer_bpp)
-    most = len(rates) + 1 if rates else loaded.layers
+    most = engine.most_layers(loaded, layer_bpp)
     if layers is not None and not 1 <= layers <= most:
         raise UsageError(f"layers={layers}: the streams have at most {most} layers")
     return engine.encode(loaded, _pixels(image), layers, refine, layer_bpp)

@@ -369,7 +369,7 @@ def pcodec_rows(model, image: np.ndarray, cuts: int, refine: int = 0):
     if model.layer_bpp:  # a stream shorter than the top rates has fewer layers: the whole
         # stream stands for the missing ones, so that the means over images keep every layer
         last = [row for row in rows if row["kind"] == "layer"][-1]
-        for layers in range(last["layers"] + 1, len(model.layer_bpp) + 2):
+        for layers in range(last["layers"] + 1, engine.most_layers(model) + 1):
             rows.append({**last, "layers": layers})
     return rows
 

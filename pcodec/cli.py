@@ -372,8 +372,7 @@ def _encode_one(path, output, total, model_id, layers, max_pixels, force, quiet,
     pixels = read_image(path, pixel_limit(max_pixels),
                         (lambda message: None) if quiet else (lambda m: _say(f"pcodec: warning: {m}")))
     model = models.load(model_id, device)
-    rates = model.layer_bpp if layer_bpp is None else layer_bpp
-    most = len(rates) + 1 if rates else model.layers
+    most = engine.most_layers(model, layer_bpp)
     if layers is not None and layers > most:
         raise UsageError(f"--layers {layers}: the streams have at most {most} layers")
     data = engine.encode(model, pixels, layers, refine, layer_bpp)

@@ -190,6 +190,18 @@ def analyse(model: LoadedModel, image: np.ndarray, refine: int = 0, layers: int 
     return y[0].double().numpy(), np.round(z[0].numpy()).astype(np.int64)
 
 
+def layer_rates(model: LoadedModel, layer_bpp=None) -> tuple:
+    """Where a stream's quality layers end, as file sizes in bpp: `layer_bpp`, else the
+    model's; empty: they are the quantization layers."""
+    return tuple(model.layer_bpp or ()) if layer_bpp is None else tuple(layer_bpp)
+
+
+def most_layers(model: LoadedModel, layer_bpp=None) -> int:
+    """The most quality layers a stream of this model (with these rates) can have."""
+    rates = layer_rates(model, layer_bpp)
+    return len(rates) + 1 if rates else model.layers
+
+
 def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None,
            refine: int = 0, layer_bpp=None) -> bytes:
     """The stream of an image (its first `layers` layers), its latent refined by `refine`
@@ -197,8 +209,7 @@ def encode(model: LoadedModel, image: np.ndarray, layers: int | None = None,
     the file sizes `layer_bpp` (bits per pixel; default the model's, container.pack), or are
     the quantization layers (`layer_bpp` empty, or a model without rates)."""
     height, width = image.shape[:2]
-    rates = model.layer_bpp if layer_bpp is None else tuple(layer_bpp)
-    sizes = [int(rate * height * width / 8) for rate in rates or ()]
+    sizes = [int(rate * height * width / 8) for rate in layer_rates(model, layer_bpp)]
     with stage("analysis transforms"):
         y, z_hat = analyse(model, image, refine, None if sizes else layers)
     with stage("prior (h_s, float64)"):

@@ -74,7 +74,7 @@ def evaluate_weights(weights_path: Path, folder: Path, limit: int | None = None,
         data = engine.encode(model, image)
         if model.layer_bpp:
             points = quality_layer_points(model, image, data)
-            points += points[-1:] * (len(model.layer_bpp) + 1 - len(points))
+            points += points[-1:] * (engine.most_layers(model) - len(points))
         else:
             points = layer_points(model, image, data, with_midpoint=with_midpoint)[1:]
         rows.append([(8 * p[0] / pixels,) + p[1:] for p in points])
