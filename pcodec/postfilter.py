@@ -164,6 +164,33 @@ def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
     return rows, originals, time.perf_counter() - started
 
 
+def rows_sets(weights: Path, data: Path, run_dir: Path, crops: int, crop_size: int,
+              state: dict, log) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `crops` training crops, in sets of CROPS collected with seeds 0, 1, …
+    (run_dir/post-rows.npz, post-rows-1.npz, …; each collected once, then read back), with
+    set 0 last."""
+    names = ["post-rows.npz"] + [f"post-rows-{seed}.npz" for seed in range(1, -(-crops // CROPS))]
+    rows = originals = None
+    filled = 0
+    for seed in (*range(1, len(names)), 0):
+        path = run_dir / names[seed]
+        if path.exists():
+            saved = np.load(path)
+            part_rows, part_originals = saved["rows"], saved["originals"]
+        else:
+            part_rows, part_originals, seconds = collect(
+                weights, data, path, min(CROPS, crops - seed * CROPS), crop_size, seed, log=log)
+            state["collect_seconds"] += seconds
+        if rows is None:  # one array for every set: no copy of 3 GB sets joined later
+            rows = np.empty((crops,) + part_rows.shape[1:], part_rows.dtype)
+            originals = np.empty((crops,) + part_originals.shape[1:], part_originals.dtype)
+        take = min(len(part_rows), crops - filled)
+        rows[filled:filled + take] = part_rows[:take]
+        originals[filled:filled + take] = part_originals[:take]
+        filled += take
+    return rows[:filled], originals[:filled]
+
+
 def learning_rate(step: int, steps: int, peak: float = LR) -> float:
     if step < WARMUP:
         return peak * (step + 1) / WARMUP
@@ -196,7 +223,8 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     """Train a post-filter for the codec of `weights`, frozen; resumes from
     run_dir/post-checkpoint.pt. Returns when `steps` are done or after `minutes`. Weights
     that carry a filter already: it goes on from that one (at WARM_LR; with `coarse`, a
-    coarse branch added), its codec decoding the rows without it."""
+    coarse branch added where it has none), its codec decoding the rows without it. More
+    than CROPS `crops` are collected in seeded sets (rows_sets)."""
     from .export import machine_name, save_atomic
     from .models import load_weights_file
     from .train import StopAfterStep
@@ -204,13 +232,14 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
 
     torch.set_num_threads(threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, rows_path = run_dir / "post-checkpoint.pt", run_dir / "post-rows.npz"
+    checkpoint_path = run_dir / "post-checkpoint.pt"
     codec = load_weights_file(weights)
     layers, earlier = codec.layers, from_state(codec.state)
-    if earlier is not None:
+    if earlier is not None:  # its shape, with a branch where it has one or one is asked for
         width = earlier.gains.shape[-1]
+        coarse = coarse or (earlier.coarse_gains.shape[-1] if hasattr(earlier, "coarse") else 0)
     module = PostFilter(layers, width, coarse)
-    if earlier is not None:  # only the new branch's weights are missing
+    if earlier is not None:  # only a new branch's weights are missing
         module.load_state_dict(earlier.state_dict(), strict=False)
     module = module.to(memory_format=torch.channels_last).requires_grad_(True)
     peak = LR if earlier is None else WARM_LR
@@ -225,15 +254,12 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log, flush=True)
-    if rows_path.exists():
-        saved_rows = np.load(rows_path)
-        rows, originals = saved_rows["rows"], saved_rows["originals"]
-    else:
-        rows, originals, seconds = collect(weights, data, rows_path, crops, crop_size, log=log)
-        state["collect_seconds"] = seconds
+    rows, originals = rows_sets(weights, data, run_dir, crops, crop_size, state, log)
     crop_size = rows.shape[-1]
     rows = torch.from_numpy(rows)
     originals = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
+    # The first set's last crops are held out (rows_sets puts them last), whatever the
+    # number of sets: gains stay comparable between runs on more rows.
     train_rows, watch_rows = rows[:-held_out], rows[-held_out:]
     train_originals, watch_originals = originals[:-held_out], originals[-held_out:]
     autocast = native_bf16()

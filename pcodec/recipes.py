@@ -70,6 +70,9 @@ class TrainConfig:
     # Channels of the filter's quarter-resolution branch (0: none). With `pcodec train
     # --post-filter WEIGHTS` whose weights carry a filter, the branch is added to it.
     post_coarse: int = 0
+    # Training crops whose decoded rows `pcodec train --post-filter` learns from, collected
+    # in sets of 1,024 (postfilter.rows_sets).
+    post_crops: int = 1024
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one
     # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and

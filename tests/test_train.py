@@ -759,6 +759,27 @@ def test_a_signal_during_a_step_stops_the_run_after_it_with_a_checkpoint(photos,
     assert state["step"] == 5
 
 
+def test_post_filter_rows_come_in_seeded_sets_with_the_first_sets_tail_held_out(
+        photos, tmp_path, monkeypatch):
+    """More crops than a set: each further set is collected from its own seed, once, and the
+    first set goes last, so that the crops held out are the same whatever the count."""
+    from pcodec import postfilter
+
+    monkeypatch.setattr(postfilter, "CROPS", 4)
+    base, state = ROOT / "tests" / "data" / "tiny-test.pt", {"collect_seconds": 0.0}
+    rows, originals = postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, io.StringIO())
+    first, second = (np.load(tmp_path / name) for name in ("post-rows.npz", "post-rows-1.npz"))
+    assert len(first["originals"]) == 4 and len(second["originals"]) == 2
+    assert np.array_equal(originals, np.concatenate([second["originals"], first["originals"]]))
+    assert np.array_equal(rows, np.concatenate([second["rows"], first["rows"]]))
+    assert np.array_equal(first["originals"], train.PatchSampler(photos, 64, 0).batch(4))
+    assert np.array_equal(second["originals"], train.PatchSampler(photos, 64, 1).batch(2))
+    collected = state["collect_seconds"]
+    assert collected > 0
+    again = postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, io.StringIO())
+    assert np.array_equal(again[0], rows) and state["collect_seconds"] == collected
+
+
 def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(photos, tmp_path):
     """`pcodec train --post-filter`: decoded rows of the frozen codec, a resumable run, and
     weights that write the same sections byte for byte and decode them to other pixels."""
@@ -805,3 +826,10 @@ def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(phot
     assert engine.read_stream(coarse, coarse_stream)[1] == engine.read_stream(old, stream)[1]
     assert not np.array_equal(engine.decode(coarse, coarse_stream),
                               engine.decode(new, new_stream))
+    # Weights whose filter has a branch: training goes on with it (no coarse asked for).
+    again_run = tmp_path / "again"
+    postfilter.train_post_filter(models / "tiny-coarse.pt", photos, again_run, steps=0, **small)
+    export.export_model(again_run, "tiny-again", None, "test", models_folder=models)
+    again = load_weights_file(models / "tiny-again.pt")
+    assert np.array_equal(engine.decode(again, engine.encode(again, image)),
+                          engine.decode(coarse, coarse_stream))
