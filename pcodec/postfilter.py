@@ -169,11 +169,11 @@ def rows_sets(weights: Path, data: Path, run_dir: Path, crops: int, crop_size: i
     """The rows of `crops` training crops, in sets of CROPS collected with seeds 0, 1, …
     (run_dir/post-rows.npz, post-rows-1.npz, …; each collected once, then read back), with
     set 0 last."""
-    names = ["post-rows.npz"] + [f"post-rows-{seed}.npz" for seed in range(1, -(-crops // CROPS))]
+    sets = -(-crops // CROPS)
     rows = originals = None
     filled = 0
-    for seed in (*range(1, len(names)), 0):
-        path = run_dir / names[seed]
+    for seed in (*range(1, sets), 0):
+        path = run_dir / (f"post-rows-{seed}.npz" if seed else "post-rows.npz")
         if path.exists():
             saved = np.load(path)
             part_rows, part_originals = saved["rows"], saved["originals"]
