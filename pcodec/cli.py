@@ -594,6 +594,19 @@ def run():
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
             signal.signal(signum, _raise_interrupted)
     try:
+        _run_reporting_errors()
+    except (Interrupted, KeyboardInterrupt) as stop:  # a signal while an end was reported
+        sys.exit(128 + (stop.signum if isinstance(stop, Interrupted) else signal.SIGINT))
+    finally:
+        # The work is done or abandoned, and said so: a signal during the interpreter's
+        # shutdown (torch's finalizers take a moment) could only print a traceback.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _run_reporting_errors():
+    """main(), each way it can end reported in one line and an exit code."""
+    try:
         main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
