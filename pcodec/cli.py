@@ -39,6 +39,11 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def _signal_of(stop: BaseException) -> int:
+    """The signal behind an Interrupted, a KeyboardInterrupt or click's Abort (Ctrl-C)."""
+    return stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+
+
 _progress_shown = False  # a progress bar is on the terminal's last line
 
 
@@ -596,7 +601,7 @@ def run():
     try:
         _run_reporting_errors()
     except (Interrupted, KeyboardInterrupt) as stop:  # a signal while an end was reported
-        sys.exit(128 + (stop.signum if isinstance(stop, Interrupted) else signal.SIGINT))
+        sys.exit(128 + _signal_of(stop))
     finally:
         # The work is done or abandoned, and said so: a signal during the interpreter's
         # shutdown (torch's finalizers take a moment) could only print a traceback.
@@ -614,7 +619,7 @@ def _run_reporting_errors():
         error.show()
         sys.exit(2)
     except (Interrupted, click.Abort, KeyboardInterrupt) as stop:
-        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        signum = _signal_of(stop)
         _say(f"pcodec: interrupted ({signal.Signals(signum).name})")
         sys.exit(128 + signum)
     except PcodecError as error:
