@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -92,9 +93,11 @@ class Batch:
         # they load, which in a spawned worker is after it starts with this environment.
         os.environ["OMP_NUM_THREADS"] = str(threads)
         # spawn, not fork: forking a process that has started torch's threads can hang.
-        pool = ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
-                                   initializer=_worker_setup, initargs=(os.getpid(),))
-        futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
+        with workers_starting() as ignored:  # they start as these submissions come
+            pool = ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
+                                       initializer=worker_setup,
+                                       initargs=(os.getpid(), ignored))
+            futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
         try:
             for future in futures:
                 self._report(*future.result())
@@ -157,9 +160,26 @@ def _remove_temporaries(output: str | None):
 
 
 _worker_busy = False  # a worker is running a job (else a signal ends it at once)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-def _worker_setup(parent: int):
+@contextmanager
+def workers_starting():
+    """Where worker processes start. SIGINT is ignored meanwhile, so that a spawned worker
+    begins with it ignored (Python then installs no KeyboardInterrupt handler) until
+    worker_setup's own is in place: a Ctrl-C in the second a worker's imports take printed
+    their traceback. Yields the stop signals this process ignores for good (a shell's
+    background job's SIGINT, nohup's SIGHUP), which the workers must keep ignoring."""
+    ignored = tuple(signum for signum in STOP_SIGNALS
+                    if signal.getsignal(signum) is signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield ignored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def worker_setup(parent: int, ignored=()):
     try:  # Linux: the kernel sends SIGTERM to this worker when its parent dies, however
         import ctypes
 
@@ -168,10 +188,10 @@ def _worker_setup(parent: int):
         pass
     if os.getppid() != parent:  # the parent died before that was set
         os._exit(143)
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         # A signal the parent was started ignoring (SIGINT in a shell's background job) the
         # workers ignore too: else a Ctrl-C the parent rightly ignores would kill them alone.
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+        if signum not in ignored:
             signal.signal(signum, _worker_signal)
 
 

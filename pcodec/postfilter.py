@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .errors import UsageError
 
 LEAKY_SLOPE = 0.01
 HIDDEN_CONVS = 3  # head and two body convolutions, each followed by a per-layer gain
@@ -95,18 +98,30 @@ def from_state(state: dict) -> PostFilter | None:
     return module.eval().requires_grad_(False)
 
 
-def decoded_rows(model, crops: np.ndarray):
-    """For each crop (n, P, P, 3) uint8: its stream's image after each layer, as the decoder
-    makes it before the filter (float32, (layers, 3, P, P)), deferral and integer steps
-    included."""
+def kept_layers(crops: np.ndarray, layers: int, per_crop: int) -> np.ndarray:
+    """(n, per_crop) 0-based layers whose rows the crops of a set at these indexes keep,
+    ascending: per_crop of the `layers`, evenly spaced and turning from crop to crop, so that
+    every layer is kept about as often (all of them at per_crop = layers)."""
+    offsets = np.arange(per_crop) * layers // per_crop
+    return np.sort((np.asarray(crops)[:, None] + offsets[None, :]) % layers, axis=1)
+
+
+def decoded_rows(model, crops: np.ndarray, keep: np.ndarray | None = None):
+    """For each crop (n, P, P, 3) uint8: its stream's image after each layer in its row of
+    `keep` (None: every layer), as the decoder makes it before the filter (float16,
+    (n, kept, 3, P, P)), deferral and integer steps included. Only kept layers are
+    synthesised."""
     from . import engine
 
-    out = np.empty((len(crops), model.layers, 3) + crops.shape[1:3], np.float16)
+    if keep is None:
+        keep = kept_layers(np.arange(len(crops)), model.layers, model.layers)
+    out = np.empty((len(crops), keep.shape[1], 3) + crops.shape[1:3], np.float16)
     for index, crop in enumerate(crops):
+        slot = {layer + 1: k for k, layer in enumerate(keep[index])}
         header, payloads, partial = engine.read_stream(model, engine.encode(model, crop))
         for layers, state in engine.decode_latents(model, header, payloads, partial):
-            if layers:
-                out[index, layers - 1] = engine.synthesis_float(
+            if layers in slot:
+                out[index, slot[layers]] = engine.synthesis_float(
                     model, engine._reconstruct_latent(model, state, True))
     return out
 
@@ -127,36 +142,51 @@ CHECKPOINT_SECONDS = 300
 _worker_model = None  # each collecting process loads the weights once
 
 
-def _load_worker_model(weights: str):
-    global _worker_model
+def _start_collect_worker(weights: str, parent: int, ignored):
+    from .cli import worker_setup
     from .models import load_weights_file
 
+    global _worker_model
+    worker_setup(parent, ignored)  # a signal ends it quietly; so does its parent's death
     torch.set_num_threads(1)
     _worker_model = load_weights_file(Path(weights))
 
 
-def _collect_worker(crops: np.ndarray) -> np.ndarray:
-    return decoded_rows(_worker_model, crops)
+def _collect_worker(job) -> np.ndarray:
+    crops, indexes, per_crop = job
+    layers = _worker_model.layers
+    return decoded_rows(_worker_model, crops, kept_layers(indexes, layers, per_crop or layers))
 
 
 def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
-            crop_size: int = CROP_SIZE, seed: int = 0, workers: int = 2, log=sys.stderr):
-    """The training rows (decoded_rows of `crops` random crops of the photos in `data`) and
-    the crops, saved to `path` (.npz); each worker process decodes its share on one thread."""
-    from concurrent.futures import ProcessPoolExecutor
+            crop_size: int = CROP_SIZE, seed: int = 0, workers: int = 2, log=sys.stderr,
+            per_crop: int | None = None):
+    """The training rows (decoded_rows of `crops` random crops of the photos in `data`,
+    per_crop layers of each as kept_layers picks them; None: every layer) and the crops,
+    saved to `path` (.npz); each worker process decodes its share on one thread."""
+    import multiprocessing
 
+    from .cli import workers_starting
     from .train import PatchSampler
 
     originals = PatchSampler(data, crop_size, seed).batch(crops)
     parts = np.array_split(np.arange(crops), max(1, crops // 32))
     started, done, pieces = time.perf_counter(), 0, []
-    with ProcessPoolExecutor(workers, initializer=_load_worker_model,
-                             initargs=(str(weights),)) as pool:
-        for part, piece in zip(parts, pool.map(_collect_worker, [originals[p] for p in parts])):
+    # spawn, not fork: forking a process that has started torch's threads can hang. A
+    # spawned worker's numpy reads its BLAS threads from the environment as it loads.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with workers_starting() as ignored:
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, _start_collect_worker, (str(weights), os.getpid(), ignored))
+    try:
+        jobs = [(originals[part], part, per_crop) for part in parts]
+        for part, piece in zip(parts, pool.imap(_collect_worker, jobs)):
             pieces.append(piece)
             done += len(part)
             print(f"decoded {done} of {crops} crops ({time.perf_counter() - started:.0f} s)",
                   file=log, flush=True)
+    finally:  # done, or a signal or an error: no worker goes on decoding
+        pool.terminate()
     rows = np.concatenate(pieces)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, rows=rows, originals=originals)
@@ -165,30 +195,50 @@ def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
 
 
 def rows_sets(weights: Path, data: Path, run_dir: Path, crops: int, crop_size: int,
-              state: dict, log) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of `crops` training crops, in sets of CROPS collected with seeds 0, 1, …
-    (run_dir/post-rows.npz, post-rows-1.npz, …; each collected once, then read back), with
-    set 0 last."""
+              state: dict, log, layers: int, per_crop: int | None = None,
+              held_out: int = HELD_OUT):
+    """The decoded rows of `crops` training crops, in sets of CROPS collected with seeds 0,
+    1, … (run_dir/post-rows.npz, post-rows-1.npz, …; each collected once, then read back).
+    Returns the training crops' (rows, their layers, originals), per_crop layers of each
+    (None: every layer; at half of them the same memory holds twice the crops), and the
+    held-out crops' (rows of every layer, originals): the first set's last `held_out`, so
+    that gains compare between runs whatever the count of sets. The first set keeps every
+    layer for them; its training crops go last."""
+    per_crop = per_crop or layers
     sets = -(-crops // CROPS)
-    rows = originals = None
-    filled = 0
+    rows = np.empty((crops - held_out, per_crop, 3, crop_size, crop_size), np.float16)
+    row_layers = np.empty((crops - held_out, per_crop), np.int64)
+    originals = np.empty((crops - held_out, crop_size, crop_size, 3), np.uint8)
+    filled, watch = 0, None
     for seed in (*range(1, sets), 0):
         path = run_dir / (f"post-rows-{seed}.npz" if seed else "post-rows.npz")
-        if path.exists():
-            saved = np.load(path)
-            part_rows, part_originals = saved["rows"], saved["originals"]
-        else:
-            part_rows, part_originals, seconds = collect(
-                weights, data, path, min(CROPS, crops - seed * CROPS), crop_size, seed, log=log)
-            state["collect_seconds"] += seconds
-        if rows is None:  # one array for every set: no copy of 3 GB sets joined later
-            rows = np.empty((crops,) + part_rows.shape[1:], part_rows.dtype)
-            originals = np.empty((crops,) + part_originals.shape[1:], part_originals.dtype)
-        take = min(len(part_rows), crops - filled)
-        rows[filled:filled + take] = part_rows[:take]
-        originals[filled:filled + take] = part_originals[:take]
-        filled += take
-    return rows[:filled], originals[:filled]
+        count = min(CROPS, crops - seed * CROPS)
+        if not path.exists():
+            state["collect_seconds"] += collect(weights, data, path, count, crop_size, seed,
+                                                log=log, per_crop=per_crop if seed else None)[2]
+        saved = np.load(path)
+        part_rows, part_originals = saved["rows"], saved["originals"]
+        # A set collected for a run on more crops gives its first `count`.
+        indexes = np.arange(min(len(part_rows), count))
+        stored = kept_layers(indexes, layers, part_rows.shape[1])
+        if not seed:
+            watch = (part_rows[len(indexes) - held_out:len(indexes)].copy(),
+                     part_originals[len(indexes) - held_out:len(indexes)])
+            indexes = indexes[:len(indexes) - held_out]
+        wanted = kept_layers(indexes, layers, per_crop)
+        match = stored[indexes, None, :] == wanted[:, :, None]
+        if not match.any(axis=2).all():
+            raise UsageError(f"{path} keeps {part_rows.shape[1]} layers of each crop: fewer than "
+                             f"the {per_crop} asked for (--set post_crop_layers)")
+        slots = match.argmax(axis=2)
+        for start in range(0, len(indexes), 64):  # a crop group at a time: small temporaries
+            group = indexes[start:start + 64]
+            rows[filled:filled + len(group)] = part_rows[group[:, None], slots[start:start + 64]]
+            filled += len(group)
+        row_layers[filled - len(indexes):filled] = wanted
+        originals[filled - len(indexes):filled] = part_originals[indexes]
+        del saved, part_rows
+    return (rows[:filled], row_layers[:filled], originals[:filled]), watch
 
 
 def learning_rate(step: int, steps: int, peak: float = LR) -> float:
@@ -219,12 +269,13 @@ def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tens
 def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STEPS,
                       width: int = 64, threads: int = 2, minutes: float | None = None,
                       log=sys.stderr, crops: int = CROPS, crop_size: int = CROP_SIZE,
-                      row_size: int = ROW_SIZE, held_out: int = HELD_OUT, coarse: int = 0):
+                      row_size: int = ROW_SIZE, held_out: int = HELD_OUT, coarse: int = 0,
+                      per_crop: int | None = None):
     """Train a post-filter for the codec of `weights`, frozen; resumes from
     run_dir/post-checkpoint.pt. Returns when `steps` are done or after `minutes`. Weights
     that carry a filter already: it goes on from that one (at WARM_LR; with `coarse`, a
     coarse branch added where it has none), its codec decoding the rows without it. More
-    than CROPS `crops` are collected in seeded sets (rows_sets)."""
+    than CROPS `crops` are collected in seeded sets, `per_crop` layers of each (rows_sets)."""
     from .export import machine_name, save_atomic
     from .models import load_weights_file
     from .train import StopAfterStep
@@ -247,21 +298,20 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     state = {"step": 0, "seconds": 0.0, "collect_seconds": 0.0, "history": [],
              "weights": str(Path(weights).resolve()), "crops": crops, "width": width,
              "coarse": coarse, "warm_start": earlier is not None, "row_size": row_size,
-             "host": machine_name()}
+             "layers_per_crop": per_crop or layers, "host": machine_name()}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=False)
         module.load_state_dict(saved["module"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log, flush=True)
-    rows, originals = rows_sets(weights, data, run_dir, crops, crop_size, state, log)
+    (rows, row_layers, originals), (watch_rows, watch_originals) = rows_sets(
+        weights, data, run_dir, crops, crop_size, state, log, layers, per_crop, held_out)
     crop_size = rows.shape[-1]
-    rows = torch.from_numpy(rows)
-    originals = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
-    # The first set's last crops are held out (rows_sets puts them last), whatever the
-    # number of sets: gains stay comparable between runs on more rows.
-    train_rows, watch_rows = rows[:-held_out], rows[-held_out:]
-    train_originals, watch_originals = originals[:-held_out], originals[-held_out:]
+    train_rows, watch_rows = torch.from_numpy(rows), torch.from_numpy(watch_rows)
+    train_originals = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
+    watch_originals = torch.from_numpy(watch_originals).permute(0, 3, 1, 2).contiguous()
+    del originals  # its channels-first copy is the one kept (1.6 GB at 8,192 crops)
     autocast = native_bf16()
     state["numerics"] = "bf16" if autocast else "float32"
     rng = np.random.default_rng([state["step"], len(state["history"])])
@@ -280,11 +330,12 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
             stop.in_step = True
             started = time.perf_counter()
             crop = rng.integers(len(train_rows), size=BATCH)
-            layer = rng.integers(layers, size=BATCH)
+            slot = rng.integers(train_rows.shape[1], size=BATCH)
+            layer = row_layers[crop, slot]
             # Even offsets: the decoder's pixel-unshuffle cells start on even pixels too.
             top, left = 2 * rng.integers((crop_size - row_size) // 2 + 1, size=(2, BATCH))
             x_hat = torch.stack([train_rows[c, k, :, t:t + row_size, s:s + row_size]
-                                 for c, k, t, s in zip(crop, layer, top, left)]).float()
+                                 for c, k, t, s in zip(crop, slot, top, left)]).float()
             x = torch.stack([train_originals[c, :, t:t + row_size, s:s + row_size]
                              for c, t, s in zip(crop, top, left)]).float() / 255
             for group in optimizer.param_groups:
@@ -346,6 +397,7 @@ def export_post_filter(run_dir: Path, path: Path) -> dict:
         "coarse": state.get("coarse", 0),
         "crops": state["crops"], "steps": state["step"], "rows_per_step": BATCH,
         "row_size": state.get("row_size", ROW_SIZE), "hours": round(state["seconds"] / 3600, 3),
+        "layers_per_crop": state.get("layers_per_crop"),
         "decoding_hours": round(state["collect_seconds"] / 3600, 3),
         "rows_per_s": float(np.median([r["rows_per_s"] for r in history[-10:]])) if history else None,
         "host": state["host"], "numerics": state.get("numerics"),

@@ -73,6 +73,9 @@ class TrainConfig:
     # Training crops whose decoded rows `pcodec train --post-filter` learns from, collected
     # in sets of 1,024 (postfilter.rows_sets).
     post_crops: int = 1024
+    # Decoded layers kept of each training crop beyond the first set (0: every layer): at
+    # half the layers, the same memory holds twice the crops.
+    post_crop_layers: int = 0
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one
     # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and

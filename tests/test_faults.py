@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import SAMPLE, image_folder
+from conftest import ROOT, SAMPLE, image_folder
 from PIL import Image
 
 from pcodec import container
@@ -43,16 +43,36 @@ def group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    # zombies of an ended group are not "left running"
+    return group_members(pgid) > 0  # zombies of an ended group are not "left running"
+
+
+def group_members(pgid: int) -> int:
+    """Live (not zombie) processes of a process group."""
+    count = 0
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+            count += int(fields[2]) == pgid and fields[0] != "Z"
+    return count
+
+
+def stop(process, signum) -> bytes:
+    """Send a signal as a terminal would (Ctrl-C to the whole foreground group, the others to
+    the parent alone) and wait for the end: no worker may outlive its parent by a second.
+    Returns what the process wrote to stderr."""
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    _, stderr = process.communicate(timeout=30)
+    ended = time.monotonic()
+    while group_alive(process.pid) and time.monotonic() < ended + 1.0:
+        time.sleep(0.05)
+    assert not group_alive(process.pid), "a worker outlived its parent by a second"
+    return stderr
 
 
 def whole_stream(path) -> bool:
@@ -132,15 +152,7 @@ def test_a_signal_at_a_random_moment_leaves_whole_outputs_or_none(tmp_path, imag
     process = start_pcodec("encode", *sorted(images.iterdir()), "-o", out, "-j", jobs,
                            cwd=tmp_path)
     time.sleep(rng.uniform(2.0, 8.0))  # start-up takes ~2 s, then ~1 s per image and job
-    if signum == signal.SIGINT:
-        os.killpg(process.pid, signum)  # Ctrl-C reaches the whole foreground group
-    else:
-        process.send_signal(signum)
-    _, stderr = process.communicate(timeout=30)
-    ended = time.monotonic()
-    while group_alive(process.pid) and time.monotonic() < ended + 1.0:
-        time.sleep(0.05)
-    assert not group_alive(process.pid), "a worker outlived its parent by a second"
+    stderr = stop(process, signum)
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if len(left) < 6:  # else it had finished (and may have been exiting) when the signal came
         assert process.returncode == 128 + signum, stderr
@@ -179,6 +191,30 @@ def test_a_batch_started_ignoring_a_signal_ignores_it_in_every_worker(tmp_path, 
     assert process.returncode == 0, stderr
     left = sorted(p.name for p in out.iterdir())
     assert len(left) == len(list(images.iterdir())) and all(whole_stream(out / n) for n in left)
+
+
+@pytest.mark.parametrize("signum, delay", [(signal.SIGINT, 0.0), (signal.SIGINT, 2.0),
+                                           (signal.SIGTERM, 0.5)])
+def test_a_signal_while_training_rows_are_decoded_stops_every_worker_quietly(tmp_path, signum,
+                                                                             delay):
+    """`pcodec train --post-filter` decodes its training rows in worker processes: Ctrl-C to
+    the group, or SIGTERM to the trainer alone, as the workers start (their imports) or
+    decode, ends them all at once with one line, no traceback and no rows file."""
+    photos = image_folder(tmp_path / "photos", 2, 256, 256)
+    run = tmp_path / "run"
+    weights = ROOT / "tests" / "data" / "tiny-test.pt"
+    process = start_pcodec("train", "--post-filter", weights, "--data", photos, "--run-dir", run,
+                           "--steps", 1, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while group_members(process.pid) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the trainer and its two workers
+    assert group_members(process.pid) >= 3, process.stderr.read()
+    time.sleep(delay)
+    stderr = stop(process, signum)
+    assert process.returncode == 128 + signum, stderr
+    said = f"pcodec: interrupted ({signal.Signals(signum).name})".encode()
+    assert b"Traceback" not in stderr and stderr.strip().endswith(said), stderr
+    assert not list(run.glob("post-rows*")), list(run.iterdir())
 
 
 def test_two_decodes_racing_for_one_default_name_never_clobber(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, image_folder, synthetic_image
 
 from pcodec import engine, export, quant, recipes, train
-from pcodec.errors import RuntimeIOError
+from pcodec.errors import RuntimeIOError, UsageError
 from pcodec.evaluate import psnr
 from pcodec.models import load_weights_file
 
@@ -761,23 +761,42 @@ def test_a_signal_during_a_step_stops_the_run_after_it_with_a_checkpoint(photos,
 
 def test_post_filter_rows_come_in_seeded_sets_with_the_first_sets_tail_held_out(
         photos, tmp_path, monkeypatch):
-    """More crops than a set: each further set is collected from its own seed, once, and the
-    first set goes last, so that the crops held out are the same whatever the count."""
+    """More crops than a set: each further set is collected from its own seed, once, keeping
+    the layers asked for of each crop; the first set keeps every layer and its last crops
+    are held out, the same crops whatever the count of sets."""
     from pcodec import postfilter
 
     monkeypatch.setattr(postfilter, "CROPS", 4)
     base, state = ROOT / "tests" / "data" / "tiny-test.pt", {"collect_seconds": 0.0}
-    rows, originals = postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, io.StringIO())
+    model = load_weights_file(base)
+    layers, log = model.layers, io.StringIO()
+    (rows, row_layers, originals), (watch, watch_originals) = postfilter.rows_sets(
+        base, photos, tmp_path, 6, 64, state, log, layers, per_crop=2, held_out=1)
     first, second = (np.load(tmp_path / name) for name in ("post-rows.npz", "post-rows-1.npz"))
-    assert len(first["originals"]) == 4 and len(second["originals"]) == 2
-    assert np.array_equal(originals, np.concatenate([second["originals"], first["originals"]]))
-    assert np.array_equal(rows, np.concatenate([second["rows"], first["rows"]]))
+    assert first["rows"].shape[1] == layers and second["rows"].shape[1] == 2
     assert np.array_equal(first["originals"], train.PatchSampler(photos, 64, 0).batch(4))
     assert np.array_equal(second["originals"], train.PatchSampler(photos, 64, 1).batch(2))
+    # Two layers of each crop, every layer about as often; only those were synthesised.
+    assert row_layers.shape == (5, 2) and len(set(row_layers[:2].ravel())) == 4
+    assert np.array_equal(second["rows"], postfilter.decoded_rows(
+        model, second["originals"])[np.arange(2)[:, None], row_layers[:2]])
+    assert np.array_equal(originals, np.concatenate([second["originals"],
+                                                     first["originals"][:3]]))
+    assert np.array_equal(rows[:2], second["rows"])
+    assert np.array_equal(rows[2:], first["rows"][np.arange(3)[:, None], row_layers[2:]])
+    assert np.array_equal(watch, first["rows"][3:]) and np.array_equal(
+        watch_originals, first["originals"][3:])
     collected = state["collect_seconds"]
     assert collected > 0
-    again = postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, io.StringIO())
-    assert np.array_equal(again[0], rows) and state["collect_seconds"] == collected
+    again = postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, log, layers, 2, 1)
+    assert np.array_equal(again[0][0], rows) and state["collect_seconds"] == collected
+    # Fewer crops than the sets hold: the first of each set, the same crops held out.
+    fewer = postfilter.rows_sets(base, photos, tmp_path, 5, 64, state, log, layers, 2, 1)
+    assert np.array_equal(fewer[0][0], np.concatenate([rows[:1], rows[2:]]))
+    assert np.array_equal(fewer[1][0], watch) and state["collect_seconds"] == collected
+    # Every layer asked of a set that kept two: refused, not filled with other rows.
+    with pytest.raises(UsageError, match="post-rows-1.npz keeps 2 layers"):
+        postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, log, layers, None, 1)
 
 
 def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(photos, tmp_path):
