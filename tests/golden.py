@@ -43,10 +43,10 @@ def cases():
             # layers formed by deferral thresholds (coding.deferred)
             ("gdn320-r7", "gdn320-r7", 48, 80, 9, [{}, {"layers": 3}, {"max_bytes": 700}]),
             # quality layers formed by rate (format 3), a post-filter told the layer
-            # (postfilter.py) with a coarse branch; -r12 the same codec with another filter
-            ("gdn320-r11", "gdn320-r11", 64, 96, 9, [{}, {"layers": 3}, {"layers": 6},
-                                                     {"max_bytes": 700}]),
+            # (postfilter.py) with a coarse branch; -r13 the same codec with another filter
             ("gdn320-r12", "gdn320-r12", 64, 96, 9, [{}, {"layers": 3}, {"layers": 6},
+                                                     {"max_bytes": 700}]),
+            ("gdn320-r13", "gdn320-r13", 64, 96, 9, [{}, {"layers": 3}, {"layers": 6},
                                                      {"max_bytes": 700}])]
 
 

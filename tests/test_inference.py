@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from pcodec import inference, ptfile
 
-WEIGHTS = [ROOT / "models" / "gdn320-r12.pt", ROOT / "models" / "gdn320-r11.pt",
+WEIGHTS = [ROOT / "models" / "gdn320-r13.pt", ROOT / "models" / "gdn320-r12.pt",
            ROOT / "models" / "gdn320-r7.pt",
            ROOT / "models" / "gdn320-r1.pt",
            ROOT / "models" / "hp128-dhq8-r6.pt",
