@@ -625,7 +625,7 @@ def run():
     finally:
         # The work is done or abandoned, and said so: a signal during the interpreter's
         # shutdown (torch's finalizers take a moment) could only print a traceback.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
 
