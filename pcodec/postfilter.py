@@ -10,7 +10,9 @@ at half resolution (pixel-unshuffle by 2): 3x3 convolutions 12 → W → W → W
 about 22 kMAC per pixel at W = 64, a quarter of the synthesis's.
 
 `pcodec train --post-filter` trains one (train_post_filter); the codec runs it in numpy
-(inference.post_filter) and, on a GPU, in torch (PostFilter)."""
+(inference.post_filter) and, on a GPU, in torch (PostFilter). With `--set
+post_synthesis_lr=R` the synthesis g_s trains with it, on the latents the decoder
+reconstructs: still no byte of any stream changes."""
 
 from __future__ import annotations
 
@@ -106,23 +108,27 @@ def kept_layers(crops: np.ndarray, layers: int, per_crop: int) -> np.ndarray:
     return np.sort((np.asarray(crops)[:, None] + offsets[None, :]) % layers, axis=1)
 
 
-def decoded_rows(model, crops: np.ndarray, keep: np.ndarray | None = None):
+def decoded_rows(model, crops: np.ndarray, keep: np.ndarray | None = None,
+                 latents: bool = False):
     """For each crop (n, P, P, 3) uint8: its stream's image after each layer in its row of
     `keep` (None: every layer), as the decoder makes it before the filter (float16,
     (n, kept, 3, P, P)), deferral and integer steps included. Only kept layers are
-    synthesised."""
+    synthesised. `latents`: the reconstructed latent ŷ the synthesis reads instead
+    ((n, kept, M, P/16, P/16)), for training the synthesis with the filter."""
     from . import engine
 
     if keep is None:
         keep = kept_layers(np.arange(len(crops)), model.layers, model.layers)
-    out = np.empty((len(crops), keep.shape[1], 3) + crops.shape[1:3], np.float16)
+    size = crops.shape[1:3]
+    shape = (model.config["M"], size[0] // 16, size[1] // 16) if latents else (3, *size)
+    out = np.empty((len(crops), keep.shape[1], *shape), np.float16)
     for index, crop in enumerate(crops):
         slot = {layer + 1: k for k, layer in enumerate(keep[index])}
         header, payloads, partial = engine.read_stream(model, engine.encode(model, crop))
         for layers, state in engine.decode_latents(model, header, payloads, partial):
             if layers in slot:
-                out[index, slot[layers]] = engine.synthesis_float(
-                    model, engine._reconstruct_latent(model, state, True))
+                y_hat = engine._reconstruct_latent(model, state, True)
+                out[index, slot[layers]] = y_hat if latents else engine.synthesis_float(model, y_hat)
     return out
 
 
@@ -136,6 +142,11 @@ LR, FINAL_LR, WARMUP, STEPS = 1e-3, 2e-5, 200, 15_000
 # its cosine lower, so as not to undo what that one learnt.
 WARM_LR = 5e-4
 HELD_OUT = 64  # crops kept out of training to watch the gain per layer
+# Latents of context each side of a row when the synthesis trains with the filter, so that
+# the row's pixels are computed as the decoder computes them inside a tile, not next to zero
+# padding. g_s reaches about two latents, but two cost 3x the time of none per row of 128²
+# (bf16 on AMX, 1 thread) and one 1.6x; one leaves only the row's outer pixels short.
+SYNTHESIS_MARGIN = 1
 CHECKPOINT_SECONDS = 300
 
 
@@ -153,17 +164,19 @@ def _start_collect_worker(weights: str, parent: int, ignored):
 
 
 def _collect_worker(job) -> np.ndarray:
-    crops, indexes, per_crop = job
+    crops, indexes, per_crop, latents = job
     layers = _worker_model.layers
-    return decoded_rows(_worker_model, crops, kept_layers(indexes, layers, per_crop or layers))
+    return decoded_rows(_worker_model, crops, kept_layers(indexes, layers, per_crop or layers),
+                        latents)
 
 
 def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
             crop_size: int = CROP_SIZE, seed: int = 0, workers: int = 2, log=sys.stderr,
-            per_crop: int | None = None):
+            per_crop: int | None = None, latents: bool = False):
     """The training rows (decoded_rows of `crops` random crops of the photos in `data`,
-    per_crop layers of each as kept_layers picks them; None: every layer) and the crops,
-    saved to `path` (.npz); each worker process decodes its share on one thread."""
+    per_crop layers of each as kept_layers picks them; None: every layer; images, or the
+    latents with `latents`) and the crops, saved to `path` (.npz); each worker process
+    decodes its share on one thread."""
     import multiprocessing
 
     from .cli import workers_starting
@@ -179,7 +192,7 @@ def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
         pool = multiprocessing.get_context("spawn").Pool(
             workers, _start_collect_worker, (str(weights), os.getpid(), ignored))
     try:
-        jobs = [(originals[part], part, per_crop) for part in parts]
+        jobs = [(originals[part], part, per_crop, latents) for part in parts]
         for part, piece in zip(parts, pool.imap(_collect_worker, jobs)):
             pieces.append(piece)
             done += len(part)
@@ -196,9 +209,10 @@ def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
 
 def rows_sets(weights: Path, data: Path, run_dir: Path, crops: int, crop_size: int,
               state: dict, log, layers: int, per_crop: int | None = None,
-              held_out: int = HELD_OUT):
+              held_out: int = HELD_OUT, latents: int = 0):
     """The decoded rows of `crops` training crops, in sets of CROPS collected with seeds 0,
-    1, … (run_dir/post-rows.npz, post-rows-1.npz, …; each collected once, then read back).
+    1, … (run_dir/post-rows.npz, post-rows-1.npz, …; each collected once, then read back);
+    with `latents` (the latent's channels) their latents ŷ instead (post-latents*.npz).
     Returns the training crops' (rows, their layers, originals), per_crop layers of each
     (None: every layer; at half of them the same memory holds twice the crops), and the
     held-out crops' (rows of every layer, originals): the first set's last `held_out`, so
@@ -206,16 +220,19 @@ def rows_sets(weights: Path, data: Path, run_dir: Path, crops: int, crop_size: i
     layer for them; its training crops go last."""
     per_crop = per_crop or layers
     sets = -(-crops // CROPS)
-    rows = np.empty((crops - held_out, per_crop, 3, crop_size, crop_size), np.float16)
+    row_shape = (latents, crop_size // 16, crop_size // 16) if latents else (3, crop_size, crop_size)
+    rows = np.empty((crops - held_out, per_crop, *row_shape), np.float16)
     row_layers = np.empty((crops - held_out, per_crop), np.int64)
     originals = np.empty((crops - held_out, crop_size, crop_size, 3), np.uint8)
     filled, watch = 0, None
     for seed in (*range(1, sets), 0):
-        path = run_dir / (f"post-rows-{seed}.npz" if seed else "post-rows.npz")
+        name = "post-latents" if latents else "post-rows"
+        path = run_dir / (f"{name}-{seed}.npz" if seed else f"{name}.npz")
         count = min(CROPS, crops - seed * CROPS)
         if not path.exists():
             state["collect_seconds"] += collect(weights, data, path, count, crop_size, seed,
-                                                log=log, per_crop=per_crop if seed else None)[2]
+                                                log=log, per_crop=per_crop if seed else None,
+                                                latents=bool(latents))[2]
         saved = np.load(path)
         part_rows, part_originals = saved["rows"], saved["originals"]
         # A set collected for a run on more crops gives its first `count`.
@@ -249,33 +266,69 @@ def learning_rate(step: int, steps: int, peak: float = LR) -> float:
 
 
 def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tensor,
-                   autocast: bool) -> list[float]:
-    """Mean PSNR gain (dB) per layer of the filter on held-out crops, on clamped images."""
+                   autocast: bool, synthesis: nn.Module | None = None,
+                   base: torch.Tensor | None = None) -> list[float]:
+    """Mean PSNR gain (dB) per layer of the filter on held-out crops, on clamped images,
+    over the unfiltered images: the rows, or with `synthesis` (rows are then latents) its
+    images filtered against `base`, the codec's own synthesis's."""
     gains = []
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for layer in range(rows.shape[1]):
             before, after = [], []
             for start in range(0, len(rows), 8):
                 x_hat = rows[start:start + 8, layer].float()
+                if synthesis is not None:
+                    x_hat = synthesis(x_hat.contiguous(memory_format=torch.channels_last)).float()
+                reference = x_hat if base is None else base[start:start + 8, layer].float()
                 x = originals[start:start + 8].float() / 255
                 filtered = module(x_hat, torch.full((len(x_hat),), layer)).float()
-                before.append(((x_hat.clamp(0, 1) - x) ** 2).mean((1, 2, 3)))
+                before.append(((reference.clamp(0, 1) - x) ** 2).mean((1, 2, 3)))
                 after.append(((filtered.clamp(0, 1) - x) ** 2).mean((1, 2, 3)))
             before, after = torch.cat(before), torch.cat(after)
             gains.append(round(float(10 * torch.log10(before / after).mean()), 3))
     return gains
 
 
+def trainable_synthesis(codec) -> nn.Module:
+    """The codec's g_s as training builds it (compressai's GDN with its reparametrised β and
+    γ), from its weights: what a fine-tune updates and export writes back."""
+    from compressai.layers import GDN
+
+    from .transforms import build_transforms
+
+    config = codec.config
+    g_s = build_transforms(config["N"], config["M"], GDN, codec.design,
+                           tuple(config.get("blocks", (1, 1, 1))))["g_s"]
+    g_s.load_state_dict({key.removeprefix("g_s."): torch.as_tensor(value).float()
+                         for key, value in codec.state.items() if key.startswith("g_s.")})
+    return g_s.to(memory_format=torch.channels_last)
+
+
+def synthesized(g_s: nn.Module, latents: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """Images (n, layers, 3, 16h, 16w) float16 of latent rows (n, layers, M, h, w)."""
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for start in range(0, len(latents), 8):
+            part = latents[start:start + 8]
+            y = part.flatten(0, 1).float().contiguous(memory_format=torch.channels_last)
+            out.append(g_s(y).float().unflatten(0, part.shape[:2]).half())
+    return torch.cat(out)
+
+
 def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STEPS,
                       width: int = 64, threads: int = 2, minutes: float | None = None,
                       log=sys.stderr, crops: int = CROPS, crop_size: int = CROP_SIZE,
                       row_size: int = ROW_SIZE, held_out: int = HELD_OUT, coarse: int = 0,
-                      per_crop: int | None = None):
+                      per_crop: int | None = None, synthesis_lr: float = 0.0):
     """Train a post-filter for the codec of `weights`, frozen; resumes from
     run_dir/post-checkpoint.pt. Returns when `steps` are done or after `minutes`. Weights
     that carry a filter already: it goes on from that one (at WARM_LR; with `coarse`, a
     coarse branch added where it has none), its codec decoding the rows without it. More
-    than CROPS `crops` are collected in seeded sets, `per_crop` layers of each (rows_sets)."""
+    than CROPS `crops` are collected in seeded sets, `per_crop` layers of each (rows_sets).
+
+    `synthesis_lr` > 0 trains the codec's synthesis g_s with the filter, at that peak rate
+    (the filter's schedule scaled), on the latents the decoder reconstructs (every byte of
+    every stream stays as it was; the g_s of the rows' images was the one being trained)."""
     from .export import machine_name, save_atomic
     from .models import load_weights_file
     from .train import StopAfterStep
@@ -294,20 +347,31 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
         module.load_state_dict(earlier.state_dict(), strict=False)
     module = module.to(memory_format=torch.channels_last).requires_grad_(True)
     peak = LR if earlier is None else WARM_LR
-    optimizer = torch.optim.Adam(module.parameters(), lr=peak)
+    groups = [{"params": list(module.parameters()), "peak": peak}]
+    synthesis = trainable_synthesis(codec).requires_grad_(True) if synthesis_lr else None
+    if synthesis is not None:
+        groups.append({"params": list(synthesis.parameters()), "peak": synthesis_lr})
+    optimizer = torch.optim.Adam(groups, lr=peak)
     state = {"step": 0, "seconds": 0.0, "collect_seconds": 0.0, "history": [],
              "weights": str(Path(weights).resolve()), "crops": crops, "width": width,
              "coarse": coarse, "warm_start": earlier is not None, "row_size": row_size,
-             "layers_per_crop": per_crop or layers, "host": machine_name()}
+             "layers_per_crop": per_crop or layers, "host": machine_name(),
+             "synthesis_lr": synthesis_lr}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=False)
+        if bool(saved.get("synthesis")) != bool(synthesis_lr):
+            raise UsageError(f"{checkpoint_path} was trained with{'out' if synthesis_lr else ''}"
+                             " the synthesis: resume it as it was started (post_synthesis_lr)")
         module.load_state_dict(saved["module"])
+        if synthesis is not None:
+            synthesis.load_state_dict(saved["synthesis"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         print(f"resumed {checkpoint_path} at step {state['step']}", file=log, flush=True)
     (rows, row_layers, originals), (watch_rows, watch_originals) = rows_sets(
-        weights, data, run_dir, crops, crop_size, state, log, layers, per_crop, held_out)
-    crop_size = rows.shape[-1]
+        weights, data, run_dir, crops, crop_size, state, log, layers, per_crop, held_out,
+        codec.config["M"] if synthesis is not None else 0)
+    crop_size = originals.shape[1]
     train_rows, watch_rows = torch.from_numpy(rows), torch.from_numpy(watch_rows)
     train_originals = torch.from_numpy(originals).permute(0, 3, 1, 2).contiguous()
     watch_originals = torch.from_numpy(watch_originals).permute(0, 3, 1, 2).contiguous()
@@ -315,9 +379,16 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     autocast = native_bf16()
     state["numerics"] = "bf16" if autocast else "float32"
     rng = np.random.default_rng([state["step"], len(state["history"])])
+    watch_base = None  # the codec's own unfiltered images of the held-out latents
+    if synthesis is not None:
+        watch_base = synthesized(trainable_synthesis(codec).eval(), watch_rows, autocast)
+        # A row's latents are synthesised with `margin` latents of context each side.
+        margin = min(SYNTHESIS_MARGIN, (crop_size - row_size) // 32)
+        latent_rows = row_size // 16 + 2 * margin
 
     def save():
         save_atomic({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                     "synthesis": None if synthesis is None else synthesis.state_dict(),
                      "state": state}, checkpoint_path)
 
     chunk_ends = None if minutes is None else time.monotonic() + 60 * minutes
@@ -332,17 +403,27 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
             crop = rng.integers(len(train_rows), size=BATCH)
             slot = rng.integers(train_rows.shape[1], size=BATCH)
             layer = row_layers[crop, slot]
-            # Even offsets: the decoder's pixel-unshuffle cells start on even pixels too.
-            top, left = 2 * rng.integers((crop_size - row_size) // 2 + 1, size=(2, BATCH))
-            x_hat = torch.stack([train_rows[c, k, :, t:t + row_size, s:s + row_size]
-                                 for c, k, t, s in zip(crop, slot, top, left)]).float()
+            if synthesis is None:
+                # Even offsets: the decoder's pixel-unshuffle cells start on even pixels too.
+                top, left = 2 * rng.integers((crop_size - row_size) // 2 + 1, size=(2, BATCH))
+                x_hat = torch.stack([train_rows[c, k, :, t:t + row_size, s:s + row_size]
+                                     for c, k, t, s in zip(crop, slot, top, left)]).float()
+                inner = 0
+            else:  # a window of latents; the row is its middle once synthesised
+                top, left = rng.integers(crop_size // 16 - latent_rows + 1, size=(2, BATCH))
+                y_hat = torch.stack([train_rows[c, k, :, t:t + latent_rows, s:s + latent_rows]
+                                     for c, k, t, s in zip(crop, slot, top, left)]).float()
+                top, left, inner = 16 * (top + margin), 16 * (left + margin), 16 * margin
             x = torch.stack([train_originals[c, :, t:t + row_size, s:s + row_size]
                              for c, t, s in zip(crop, top, left)]).float() / 255
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state["step"], steps, peak)
+                group["lr"] = learning_rate(state["step"], steps, peak) * group["peak"] / peak
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                if synthesis is not None:
+                    x_hat = synthesis(y_hat.contiguous(memory_format=torch.channels_last))
                 filtered = module(x_hat.contiguous(memory_format=torch.channels_last),
                                   torch.from_numpy(layer))
+            filtered = filtered[:, :, inner:inner + row_size, inner:inner + row_size]
             loss = torch.log10(((filtered.float() - x) ** 2).mean((1, 2, 3))).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -358,8 +439,8 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
                                               / (time.perf_counter() - window_start), 1),
                           "hours": round(state["seconds"] / 3600, 3)}
                 if state["step"] % 2500 == 0 or state["step"] == steps:
-                    record["held_out_gain_db"] = held_out_gains(module, watch_rows,
-                                                                watch_originals, autocast)
+                    record["held_out_gain_db"] = held_out_gains(
+                        module, watch_rows, watch_originals, autocast, synthesis, watch_base)
                 state["history"].append(record)
                 print(json.dumps(record), file=log, flush=True)
                 window, window_start = [], time.perf_counter()
@@ -380,15 +461,19 @@ def training_hours(post_filter: dict) -> float:
 
 
 def export_post_filter(run_dir: Path, path: Path) -> dict:
-    """The frozen codec's weights file with the run's filter added (keys "post.", float32)
-    and how it was trained ("post_filter"); its streams' bytes are those of the codec's."""
-    from .export import LAYER_BPP, save_atomic
+    """The frozen codec's weights file with the run's filter added (keys "post.", float32),
+    its g_s replaced where the run trained it, and how it was trained ("post_filter"); its
+    streams' bytes are those of the codec's."""
+    from .export import LAYER_BPP, compact, save_atomic
 
     checkpoint = torch.load(run_dir / "post-checkpoint.pt", weights_only=False)
     state = checkpoint["state"]
     saved = torch.load(state["weights"], weights_only=False)
     saved["model"].update({f"post.{key}": value.detach().float().contiguous()
                            for key, value in checkpoint["module"].items()})
+    if checkpoint.get("synthesis"):  # g_s trained with the filter, stored as export stores it
+        saved["model"].update({f"g_s.{key}": compact(value.detach().float().contiguous())
+                               for key, value in checkpoint["synthesis"].items()})
     saved["layer_bpp"] = list(LAYER_BPP)
     history = state["history"]
     earlier = saved.get("post_filter") if state.get("warm_start") else None
@@ -403,6 +488,8 @@ def export_post_filter(run_dir: Path, path: Path) -> dict:
         "host": state["host"], "numerics": state.get("numerics"),
         "held_out_gain_db": next((r["held_out_gain_db"] for r in reversed(history)
                                   if "held_out_gain_db" in r), None)}
+    if state.get("synthesis_lr"):
+        saved["post_filter"]["synthesis_lr"] = state["synthesis_lr"]
     if earlier is not None:  # the filter it went on from, and so on back
         saved["post_filter"]["continues"] = earlier
     save_atomic(saved, path)

@@ -640,7 +640,8 @@ def main(argv=None):
         train_post_filter(args.post_filter, args.data, run_dir, args.steps or STEPS,
                           threads=config.threads, minutes=args.minutes,
                           coarse=config.post_coarse, crops=config.post_crops,
-                          per_crop=config.post_crop_layers or None)
+                          per_crop=config.post_crop_layers or None,
+                          synthesis_lr=config.post_synthesis_lr)
         return
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
           minutes=args.minutes)

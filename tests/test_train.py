@@ -799,6 +799,49 @@ def test_post_filter_rows_come_in_seeded_sets_with_the_first_sets_tail_held_out(
         postfilter.rows_sets(base, photos, tmp_path, 6, 64, state, log, layers, None, 1)
 
 
+def test_the_synthesis_trains_with_the_filter_on_the_latents_the_decoder_reconstructs(
+        photos, tmp_path):
+    """`--set post_synthesis_lr=R`: rows are the decoded latents (each synthesises to its own
+    layer's decoded image); g_s and the filter train together, resume, and export to weights
+    that write every section byte for byte as the codec did and decode them to other pixels;
+    every weight but g_s's and the filter's is the codec's."""
+    from pcodec import postfilter
+
+    base = ROOT / "tests" / "data" / "tiny-test.pt"
+    model = load_weights_file(base)
+    crops = train.PatchSampler(photos, 64, 0).batch(2)
+    latents, images = (postfilter.decoded_rows(model, crops, latents=True),
+                       postfilter.decoded_rows(model, crops))
+    assert latents.shape == (2, model.layers, model.config["M"], 4, 4)
+    for crop in range(2):
+        errors = np.array([[np.abs(engine.synthesis_float(model, latents[crop, k].astype(
+            np.float32)) - images[crop, j]).max() for j in range(model.layers)]
+            for k in range(model.layers)])
+        assert errors.diagonal().max() < 2e-3  # float16 storage of ŷ
+        assert (errors.diagonal() == errors.min(axis=1)).all()  # each its own layer's
+    run, log = tmp_path / "joint", io.StringIO()
+    small = {"width": 8, "threads": 1, "log": log, "crops": 6, "crop_size": 64, "row_size": 32,
+             "held_out": 2, "synthesis_lr": 1e-3}
+    postfilter.train_post_filter(base, photos, run, steps=2, **small)
+    state = postfilter.train_post_filter(base, photos, run, steps=4, **small)
+    assert state["step"] == 4 and "resumed" in log.getvalue()
+    assert (run / "post-latents.npz").exists() and not (run / "post-rows.npz").exists()
+    assert len(state["history"][-1]["held_out_gain_db"]) == model.layers
+    with pytest.raises(UsageError, match="trained with the synthesis"):
+        postfilter.train_post_filter(base, photos, run, steps=5, **{**small, "synthesis_lr": 0})
+    models = tmp_path / "models"
+    entry = export.export_model(run, "tiny-joint", None, "test", models_folder=models)
+    assert entry["training"]["post_filter"]["synthesis_lr"] == 1e-3
+    new = load_weights_file(models / "tiny-joint.pt")
+    changed = {key for key in model.state if not np.array_equal(model.state[key], new.state[key])}
+    assert changed and all(key.startswith("g_s.") for key in changed)
+    assert any(key.startswith("post.") for key in new.state)
+    image = synthetic_image(48, 64, 3)
+    stream, new_stream = engine.encode(model, image), engine.encode(new, image)
+    assert engine.read_stream(new, new_stream)[1] == engine.read_stream(model, stream)[1]
+    assert not np.array_equal(engine.decode(new, new_stream), engine.decode(model, stream))
+
+
 def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(photos, tmp_path):
     """`pcodec train --post-filter`: decoded rows of the frozen codec, a resumable run, and
     weights that write the same sections byte for byte and decode them to other pixels."""
