@@ -319,12 +319,14 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
                       width: int = 64, threads: int = 2, minutes: float | None = None,
                       log=sys.stderr, crops: int = CROPS, crop_size: int = CROP_SIZE,
                       row_size: int = ROW_SIZE, held_out: int = HELD_OUT, coarse: int = 0,
-                      per_crop: int | None = None, synthesis_lr: float = 0.0):
+                      per_crop: int | None = None, synthesis_lr: float = 0.0,
+                      lr: float = 0.0):
     """Train a post-filter for the codec of `weights`, frozen; resumes from
     run_dir/post-checkpoint.pt. Returns when `steps` are done or after `minutes`. Weights
     that carry a filter already: it goes on from that one (at WARM_LR; with `coarse`, a
     coarse branch added where it has none), its codec decoding the rows without it. More
     than CROPS `crops` are collected in seeded sets, `per_crop` layers of each (rows_sets).
+    `lr`: the filter's peak rate (0: LR, or WARM_LR for a filter that goes on).
 
     `synthesis_lr` > 0 trains the codec's synthesis g_s with the filter, at that peak rate
     (the filter's schedule scaled), on the latents the decoder reconstructs (every byte of
@@ -346,7 +348,7 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     if earlier is not None:  # only a new branch's weights are missing
         module.load_state_dict(earlier.state_dict(), strict=False)
     module = module.to(memory_format=torch.channels_last).requires_grad_(True)
-    peak = LR if earlier is None else WARM_LR
+    peak = lr or (LR if earlier is None else WARM_LR)
     groups = [{"params": list(module.parameters()), "peak": peak}]
     synthesis = trainable_synthesis(codec).requires_grad_(True) if synthesis_lr else None
     if synthesis is not None:

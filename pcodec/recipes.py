@@ -79,6 +79,8 @@ class TrainConfig:
     # Peak rate of the synthesis g_s trained with the post-filter, on the latents the decoder
     # reconstructs (postfilter.train_post_filter; 0: the filter alone, the codec frozen).
     post_synthesis_lr: float = 0.0
+    # Peak rate of the post-filter (0: postfilter.LR, or WARM_LR for a filter that goes on).
+    post_lr: float = 0.0
     synthesis_layers: int = 4  # layers per crop in each synthesis step (crops share g_a's pass)
     # Distinct layers each crop is trained at per step, through one analysis pass (1: one
     # random layer per crop). With one layer per crop a batch of 4 sees half the ladder, and

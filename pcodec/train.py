@@ -641,7 +641,7 @@ def main(argv=None):
                           threads=config.threads, minutes=args.minutes,
                           coarse=config.post_coarse, crops=config.post_crops,
                           per_crop=config.post_crop_layers or None,
-                          synthesis_lr=config.post_synthesis_lr)
+                          synthesis_lr=config.post_synthesis_lr, lr=config.post_lr)
         return
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
           minutes=args.minutes)

@@ -821,8 +821,10 @@ def test_the_synthesis_trains_with_the_filter_on_the_latents_the_decoder_reconst
         assert (errors.diagonal() == errors.min(axis=1)).all()  # each its own layer's
     run, log = tmp_path / "joint", io.StringIO()
     small = {"width": 8, "threads": 1, "log": log, "crops": 6, "crop_size": 64, "row_size": 32,
-             "held_out": 2, "synthesis_lr": 1e-3}
+             "held_out": 2, "synthesis_lr": 1e-3, "lr": 3e-3}
     postfilter.train_post_filter(base, photos, run, steps=2, **small)
+    groups = torch.load(run / "post-checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [group["peak"] for group in groups] == [3e-3, 1e-3]  # the filter's, then g_s's
     state = postfilter.train_post_filter(base, photos, run, steps=4, **small)
     assert state["step"] == 4 and "resumed" in log.getvalue()
     assert (run / "post-latents.npz").exists() and not (run / "post-rows.npz").exists()
