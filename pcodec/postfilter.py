@@ -145,7 +145,7 @@ HELD_OUT = 64  # crops kept out of training to watch the gain per layer
 # Latents of context each side of a row when the synthesis trains with the filter, so that
 # the row's pixels are computed as the decoder computes them inside a tile, not next to zero
 # padding. g_s reaches about two latents, but two cost 3x the time of none per row of 128²
-# (bf16 on AMX, 1 thread) and one 1.6x; one leaves only the row's outer pixels short.
+# (bf16 on AMX, 1 thread) and one 1.5x; one leaves only the row's outer pixels short.
 SYNTHESIS_MARGIN = 1
 CHECKPOINT_SECONDS = 300
 
