@@ -35,6 +35,17 @@ PU_LATENT_GAIN = 8.0
 SHORTCUT_PENALTY_WEIGHT = 0.1  # AuxT (Li et al., ICLR 2025): ‖WWᵀ − I‖² at weight 0.1
 
 
+def compressai_modules():
+    """compressai's EntropyBottleneck and GDN, imported on first use: the quantizer's
+    functions here also serve encode-time refinement (refine.py), in the codec-only install
+    that has no compressai; its import's torch.jit deprecation warning is not the user's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from compressai.entropy_models import EntropyBottleneck
+        from compressai.layers import GDN
+    return EntropyBottleneck, GDN
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     N: int = 128  # channels of the transforms and of the hyper-latent
@@ -177,14 +188,7 @@ class HyperpriorNetwork(nn.Module):
     layer mixes elements of two layers)."""
 
     def __init__(self, config: NetworkConfig = NetworkConfig()):
-        # Imported here: the quantizer's functions above also serve encode-time refinement
-        # (refine.py), in the codec-only install that has no compressai.
-        with warnings.catch_warnings():
-            # compressai's import emits a torch.jit deprecation warning users should not see.
-            warnings.simplefilter("ignore")
-            from compressai.entropy_models import EntropyBottleneck
-            from compressai.layers import GDN
-
+        EntropyBottleneck, GDN = compressai_modules()
         super().__init__()
         self.config = config
         N, M, L = config.N, config.M, config.layers

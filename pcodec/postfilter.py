@@ -292,10 +292,10 @@ def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tens
 def trainable_synthesis(codec) -> nn.Module:
     """The codec's g_s as training builds it (compressai's GDN with its reparametrised β and
     γ), from its weights: what a fine-tune updates and export writes back."""
-    from compressai.layers import GDN
-
+    from .network import compressai_modules
     from .transforms import build_transforms
 
+    _, GDN = compressai_modules()
     config = codec.config
     g_s = build_transforms(config["N"], config["M"], GDN, codec.design,
                            tuple(config.get("blocks", (1, 1, 1))))["g_s"]
