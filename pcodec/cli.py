@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -85,19 +84,17 @@ class Batch:
             for path in inputs:
                 self.run(path, lambda path=path: function(path, *args))
             return
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+
+        from .worker_processes import QuietStartContext
 
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         # The workers' share of the cores: numpy's BLAS and torch read OMP_NUM_THREADS when
         # they load, which in a spawned worker is after it starts with this environment.
         os.environ["OMP_NUM_THREADS"] = str(threads)
-        # spawn, not fork: forking a process that has started torch's threads can hang.
-        with workers_starting() as ignored:  # they start as these submissions come
-            pool = ProcessPoolExecutor(self.jobs, multiprocessing.get_context("spawn"),
-                                       initializer=worker_setup,
-                                       initargs=(os.getpid(), ignored))
-            futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
+        pool = ProcessPoolExecutor(self.jobs, QuietStartContext(), initializer=worker_setup,
+                                   initargs=(os.getpid(), ignored_stop_signals()))
+        futures = [pool.submit(_in_worker, function, path, *args) for path in inputs]
         try:
             for future in futures:
                 self._report(*future.result())
@@ -163,20 +160,10 @@ _worker_busy = False  # a worker is running a job (else a signal ends it at once
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-@contextmanager
-def workers_starting():
-    """Where worker processes start. SIGINT is ignored meanwhile, so that a spawned worker
-    begins with it ignored (Python then installs no KeyboardInterrupt handler) until
-    worker_setup's own is in place: a Ctrl-C in the second a worker's imports take printed
-    their traceback. Yields the stop signals this process ignores for good (a shell's
-    background job's SIGINT, nohup's SIGHUP), which the workers must keep ignoring."""
-    ignored = tuple(signum for signum in STOP_SIGNALS
-                    if signal.getsignal(signum) is signal.SIG_IGN)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield ignored
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def ignored_stop_signals() -> tuple:
+    """The stop signals this process ignores for good (a shell's background job's SIGINT,
+    nohup's SIGHUP): its workers must keep ignoring them."""
+    return tuple(signum for signum in STOP_SIGNALS if signal.getsignal(signum) is signal.SIG_IGN)
 
 
 def worker_setup(parent: int, ignored=()):

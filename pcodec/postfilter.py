@@ -177,20 +177,17 @@ def collect(weights: Path, data: Path, path: Path, crops: int = CROPS,
     per_crop layers of each as kept_layers picks them; None: every layer; images, or the
     latents with `latents`) and the crops, saved to `path` (.npz); each worker process
     decodes its share on one thread."""
-    import multiprocessing
-
-    from .cli import workers_starting
+    from .cli import ignored_stop_signals
     from .train import PatchSampler
+    from .worker_processes import QuietStartContext
 
     originals = PatchSampler(data, crop_size, seed).batch(crops)
     parts = np.array_split(np.arange(crops), max(1, crops // 32))
     started, done, pieces = time.perf_counter(), 0, []
-    # spawn, not fork: forking a process that has started torch's threads can hang. A
-    # spawned worker's numpy reads its BLAS threads from the environment as it loads.
+    # A spawned worker's numpy reads its BLAS threads from the environment as it loads.
     os.environ["OMP_NUM_THREADS"] = "1"
-    with workers_starting() as ignored:
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, _start_collect_worker, (str(weights), os.getpid(), ignored))
+    pool = QuietStartContext().Pool(workers, _start_collect_worker,
+                                    (str(weights), os.getpid(), ignored_stop_signals()))
     try:
         jobs = [(originals[part], part, per_crop, latents) for part in parts]
         for part, piece in zip(parts, pool.imap(_collect_worker, jobs)):

@@ -15,6 +15,7 @@ from conftest import ROOT, SAMPLE, image_folder
 from PIL import Image
 
 from pcodec import container
+from pcodec.worker_processes import QuietStartContext
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -191,6 +192,22 @@ def test_a_batch_started_ignoring_a_signal_ignores_it_in_every_worker(tmp_path, 
     assert process.returncode == 0, stderr
     left = sorted(p.name for p in out.iterdir())
     assert len(left) == len(list(images.iterdir())) and all(whole_stream(out / n) for n in left)
+
+
+def test_a_worker_starts_ignoring_ctrl_c_and_its_parent_does_not_miss_one_after():
+    """Workers begin with SIGINT ignored (no traceback from a Ctrl-C during their imports),
+    and the parent ignores it only while it launches one: its own handler is back at once."""
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        # The worker raises SIGINT at itself: ignored, it exits 0; handled, 1 with a traceback.
+        worker = QuietStartContext().Process(target=signal.raise_signal, args=(signal.SIGINT,))
+        worker.start()
+        signal.raise_signal(signal.SIGINT)  # the parent, right after the launch
+        worker.join(60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert worker.exitcode == 0 and seen == [signal.SIGINT]
 
 
 @pytest.mark.parametrize("signum, delay", [(signal.SIGINT, 0.0), (signal.SIGINT, 2.0),
