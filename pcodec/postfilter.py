@@ -264,10 +264,12 @@ def learning_rate(step: int, steps: int, peak: float = LR) -> float:
 
 def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tensor,
                    autocast: bool, synthesis: nn.Module | None = None,
-                   base: torch.Tensor | None = None) -> list[float]:
+                   base: torch.Tensor | None = None,
+                   synthesis_autocast: bool = True) -> list[float]:
     """Mean PSNR gain (dB) per layer of the filter on held-out crops, on clamped images,
-    over the unfiltered images: the rows, or with `synthesis` (rows are then latents) its
-    images filtered against `base`, the codec's own synthesis's."""
+    over the unfiltered images: the rows, or with `synthesis` (rows are then latents; in
+    bf16 only with `synthesis_autocast` too) its images filtered against `base`, the codec's
+    own synthesis's."""
     gains = []
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for layer in range(rows.shape[1]):
@@ -275,7 +277,9 @@ def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tens
             for start in range(0, len(rows), 8):
                 x_hat = rows[start:start + 8, layer].float()
                 if synthesis is not None:
-                    x_hat = synthesis(x_hat.contiguous(memory_format=torch.channels_last)).float()
+                    with torch.autocast("cpu", torch.bfloat16, enabled=synthesis_autocast):
+                        x_hat = synthesis(x_hat.contiguous(memory_format=torch.channels_last))
+                    x_hat = x_hat.float()
                 reference = x_hat if base is None else base[start:start + 8, layer].float()
                 x = originals[start:start + 8].float() / 255
                 filtered = module(x_hat, torch.full((len(x_hat),), layer)).float()
@@ -317,7 +321,7 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
                       log=sys.stderr, crops: int = CROPS, crop_size: int = CROP_SIZE,
                       row_size: int = ROW_SIZE, held_out: int = HELD_OUT, coarse: int = 0,
                       per_crop: int | None = None, synthesis_lr: float = 0.0,
-                      lr: float = 0.0):
+                      lr: float = 0.0, synthesis_float32: bool = False):
     """Train a post-filter for the codec of `weights`, frozen; resumes from
     run_dir/post-checkpoint.pt. Returns when `steps` are done or after `minutes`. Weights
     that carry a filter already: it goes on from that one (at WARM_LR; with `coarse`, a
@@ -327,7 +331,8 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
 
     `synthesis_lr` > 0 trains the codec's synthesis g_s with the filter, at that peak rate
     (the filter's schedule scaled), on the latents the decoder reconstructs (every byte of
-    every stream stays as it was; the g_s of the rows' images was the one being trained)."""
+    every stream stays as it was; the g_s of the rows' images was the one being trained),
+    in float32 with `synthesis_float32` where the host would run it in bf16."""
     from .export import machine_name, save_atomic
     from .models import load_weights_file
     from .train import StopAfterStep
@@ -355,7 +360,7 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
              "weights": str(Path(weights).resolve()), "crops": crops, "width": width,
              "coarse": coarse, "warm_start": earlier is not None, "row_size": row_size,
              "layers_per_crop": per_crop or layers, "host": machine_name(),
-             "synthesis_lr": synthesis_lr}
+             "synthesis_lr": synthesis_lr, "synthesis_float32": synthesis_float32}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=False)
         if bool(saved.get("synthesis")) != bool(synthesis_lr):
@@ -377,10 +382,14 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
     del originals  # its channels-first copy is the one kept (1.6 GB at 8,192 crops)
     autocast = native_bf16()
     state["numerics"] = "bf16" if autocast else "float32"
+    synthesis_autocast = autocast and not synthesis_float32
+    if synthesis is not None:
+        state["numerics"] += f", synthesis {'bf16' if synthesis_autocast else 'float32'}"
     rng = np.random.default_rng([state["step"], len(state["history"])])
     watch_base = None  # the codec's own unfiltered images of the held-out latents
     if synthesis is not None:
-        watch_base = synthesized(trainable_synthesis(codec).eval(), watch_rows, autocast)
+        watch_base = synthesized(trainable_synthesis(codec).eval(), watch_rows,
+                                 synthesis_autocast)
         # A row's latents are synthesised with `margin` latents of context each side.
         margin = min(SYNTHESIS_MARGIN, (crop_size - row_size) // 32)
         latent_rows = row_size // 16 + 2 * margin
@@ -419,7 +428,8 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
                 group["lr"] = learning_rate(state["step"], steps, peak) * group["peak"] / peak
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 if synthesis is not None:
-                    x_hat = synthesis(y_hat.contiguous(memory_format=torch.channels_last))
+                    with torch.autocast("cpu", torch.bfloat16, enabled=synthesis_autocast):
+                        x_hat = synthesis(y_hat.contiguous(memory_format=torch.channels_last))
                 filtered = module(x_hat.contiguous(memory_format=torch.channels_last),
                                   torch.from_numpy(layer))
             filtered = filtered[:, :, inner:inner + row_size, inner:inner + row_size]
@@ -439,7 +449,8 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
                           "hours": round(state["seconds"] / 3600, 3)}
                 if state["step"] % 2500 == 0 or state["step"] == steps:
                     record["held_out_gain_db"] = held_out_gains(
-                        module, watch_rows, watch_originals, autocast, synthesis, watch_base)
+                        module, watch_rows, watch_originals, autocast, synthesis, watch_base,
+                        synthesis_autocast)
                 state["history"].append(record)
                 print(json.dumps(record), file=log, flush=True)
                 window, window_start = [], time.perf_counter()

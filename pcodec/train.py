@@ -641,7 +641,8 @@ def main(argv=None):
                           threads=config.threads, minutes=args.minutes,
                           coarse=config.post_coarse, crops=config.post_crops,
                           per_crop=config.post_crop_layers or None,
-                          synthesis_lr=config.post_synthesis_lr, lr=config.post_lr)
+                          synthesis_lr=config.post_synthesis_lr, lr=config.post_lr,
+                          synthesis_float32=config.post_synthesis_float32)
         return
     train(config, args.data, run_dir, args.steps or config.steps, args.init, args.kodak,
           minutes=args.minutes)

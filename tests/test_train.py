@@ -825,8 +825,10 @@ def test_the_synthesis_trains_with_the_filter_on_the_latents_the_decoder_reconst
     postfilter.train_post_filter(base, photos, run, steps=2, **small)
     groups = torch.load(run / "post-checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
     assert [group["peak"] for group in groups] == [3e-3, 1e-3]  # the filter's, then g_s's
-    state = postfilter.train_post_filter(base, photos, run, steps=4, **small)
+    state = postfilter.train_post_filter(base, photos, run, steps=4, synthesis_float32=True,
+                                         **small)
     assert state["step"] == 4 and "resumed" in log.getvalue()
+    assert state["numerics"].endswith("synthesis float32")  # bf16 or not for the filter
     assert (run / "post-latents.npz").exists() and not (run / "post-rows.npz").exists()
     assert len(state["history"][-1]["held_out_gain_db"]) == model.layers
     with pytest.raises(UsageError, match="trained with the synthesis"):
