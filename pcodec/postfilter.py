@@ -360,7 +360,7 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
              "weights": str(Path(weights).resolve()), "crops": crops, "width": width,
              "coarse": coarse, "warm_start": earlier is not None, "row_size": row_size,
              "layers_per_crop": per_crop or layers, "host": machine_name(),
-             "synthesis_lr": synthesis_lr, "synthesis_float32": synthesis_float32}
+             "synthesis_lr": synthesis_lr}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=False)
         if bool(saved.get("synthesis")) != bool(synthesis_lr):
