@@ -613,6 +613,8 @@ def main(argv=None):
     parser.add_argument("--measure", action="store_true",
                         help="time training steps for the config variations and exit")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:  # 0 would have meant the default count
+        parser.error(f"--steps {args.steps}: expected a step count of at least 1")
     config = CONFIGS[args.config]
     run_dir = args.run_dir or Path.home() / ".cache" / "pcodec" / "runs" / config.name
     if args.measure:

@@ -46,6 +46,13 @@ def test_a_bad_set_is_a_usage_error(setting, capsys):
     assert f"--set {setting}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_a_step_count_below_one_is_a_usage_error(steps, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--config", "tiny", "--steps", steps])
+    assert stopped.value.code == 2 and f"--steps {steps}" in capsys.readouterr().err
+
+
 def test_training_resumes_from_its_checkpoint_and_exports_usable_weights(photos, tmp_path):
     config = replace(recipes.CONFIGS["tiny"], checkpoint_every=2, threads=1)
     run = tmp_path / "run"
