@@ -1,6 +1,6 @@
 """The spawn context for pcodec's worker processes (batch jobs, the post-filter trainer's
 decoding): a module of its own because its classes must be importable by name in every
-worker, and importing multiprocessing costs each command line start-up ~13 ms."""
+worker, and cli.py would otherwise import multiprocessing on every command's start-up."""
 
 from __future__ import annotations
 
