@@ -277,9 +277,7 @@ def held_out_gains(module: PostFilter, rows: torch.Tensor, originals: torch.Tens
             for start in range(0, len(rows), 8):
                 x_hat = rows[start:start + 8, layer].float()
                 if synthesis is not None:
-                    with torch.autocast("cpu", torch.bfloat16, enabled=synthesis_autocast):
-                        x_hat = synthesis(x_hat.contiguous(memory_format=torch.channels_last))
-                    x_hat = x_hat.float()
+                    x_hat = synthesis_of(synthesis, x_hat, synthesis_autocast).float()
                 reference = x_hat if base is None else base[start:start + 8, layer].float()
                 x = originals[start:start + 8].float() / 255
                 filtered = module(x_hat, torch.full((len(x_hat),), layer)).float()
@@ -305,14 +303,21 @@ def trainable_synthesis(codec) -> nn.Module:
     return g_s.to(memory_format=torch.channels_last)
 
 
+def synthesis_of(g_s: nn.Module, y: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """g_s(y) for latents (B, M, h, w), in bf16 autocast only with `autocast` (inside a
+    caller's autocast too: the synthesis may keep float32 while the filter runs in bf16)."""
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        return g_s(y.contiguous(memory_format=torch.channels_last))
+
+
 def synthesized(g_s: nn.Module, latents: torch.Tensor, autocast: bool) -> torch.Tensor:
     """Images (n, layers, 3, 16h, 16w) float16 of latent rows (n, layers, M, h, w)."""
     out = []
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with torch.no_grad():
         for start in range(0, len(latents), 8):
             part = latents[start:start + 8]
-            y = part.flatten(0, 1).float().contiguous(memory_format=torch.channels_last)
-            out.append(g_s(y).float().unflatten(0, part.shape[:2]).half())
+            images = synthesis_of(g_s, part.flatten(0, 1).float(), autocast)
+            out.append(images.float().unflatten(0, part.shape[:2]).half())
     return torch.cat(out)
 
 
@@ -428,8 +433,7 @@ def train_post_filter(weights: Path, data: Path, run_dir: Path, steps: int = STE
                 group["lr"] = learning_rate(state["step"], steps, peak) * group["peak"] / peak
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 if synthesis is not None:
-                    with torch.autocast("cpu", torch.bfloat16, enabled=synthesis_autocast):
-                        x_hat = synthesis(y_hat.contiguous(memory_format=torch.channels_last))
+                    x_hat = synthesis_of(synthesis, y_hat, synthesis_autocast)
                 filtered = module(x_hat.contiguous(memory_format=torch.channels_last),
                                   torch.from_numpy(layer))
             filtered = filtered[:, :, inner:inner + row_size, inner:inner + row_size]
