@@ -35,10 +35,11 @@ LAYER_BPP = (0.15, 0.225, 0.34, 0.5, 0.76, 1.14, 1.7)
 
 
 def export_weights(model, config: TrainConfig, state: dict, path: Path,
-                   gain_data: Path | None = None):
-    """Weights without optimizer state, plus what is needed to know how they were made.
-    With `gain_data` (a folder of photos), also the coding order's per-channel offsets and
-    the σ offsets each layer codes with and the spreads it reconstructs with (calibration.py)."""
+                   gain_data: Path | None = None, filter_record: dict | None = None):
+    """Weights without optimizer state, plus what is needed to know how they were made
+    (`filter_record`: how the post-filter they carry was trained). With `gain_data` (a
+    folder of photos), also the coding order's per-channel offsets and the σ offsets each
+    layer codes with and the spreads it reconstructs with (calibration.py)."""
     import torch
 
     from .models import hyper_latent_table, load_weights_file
@@ -51,7 +52,8 @@ def export_weights(model, config: TrainConfig, state: dict, path: Path,
                  {k: state[k] for k in STATE_KEYS if k in state},
                  default=float)),
              "reconstruction_spreads": model.reconstruction_spreads.clone(),
-             "layer_bpp": list(LAYER_BPP)}
+             "layer_bpp": list(LAYER_BPP),
+             **({"post_filter": filter_record} if filter_record else {})}
     save_atomic(saved, path)
     if gain_data is not None:  # measured through the inference transforms the codec runs
         from dataclasses import replace
@@ -107,7 +109,8 @@ def export_checkpoint(checkpoint_path: Path, path: Path, gain_data: Path | None 
                if k != "n_averaged"}
     model.load_state_dict(average or checkpoint["model"])
     model.restore_spreads(checkpoint)
-    export_weights(model, config, checkpoint["state"], path, gain_data)
+    export_weights(model, config, checkpoint["state"], path, gain_data,
+                   checkpoint.get("post_filter"))
 
 
 REFERENCE_CODEC = "JPEG 2000 (OpenJPEG, layered)"
@@ -131,17 +134,19 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
     folder = models_folder or models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / f"{model_id}.pt"
-    post_filter = None
-    if (run_dir / "post-checkpoint.pt").exists():  # a post-filter for frozen weights
+    filter_run = (run_dir / "post-checkpoint.pt").exists()  # a post-filter for frozen weights
+    if filter_run:
         from .postfilter import export_post_filter
 
-        post_filter = export_post_filter(run_dir, weights_path)
+        export_post_filter(run_dir, weights_path)
     else:
         export_checkpoint(run_dir / "checkpoint.pt", weights_path, gain_data)
     import torch
 
     saved = torch.load(weights_path, weights_only=True)
     state, config = saved["state"], saved["config"]
+    # This run's filter, or the one a fine-tune of filtered weights kept.
+    post_filter = saved.get("post_filter")
     post_hours = 0.0
     if post_filter is not None:
         from .postfilter import training_hours
@@ -201,7 +206,7 @@ def export_model(run_dir: Path, model_id: str, kodak: Path | None, command: str,
         bd = bd_rate(curve["bpp"], curve["psnr"], entry["kodak"]["bpp"], entry["kodak"]["psnr"])
         entry["kodak"]["bd_rate_vs_j2k_layered_percent"] = None if bd is None else round(bd, 2)
         campaign = manifest["models"].get(model_id, {}).get("campaign", [])
-        stage = "post-filter" if post_filter else entry["training"]["stage"]
+        stage = "post-filter" if filter_run else entry["training"]["stage"]
         campaign = [p for p in campaign if (p["stage"], p["step"]) != (stage, state["step"])] + [{
             "step": state["step"], "cpu_hours": entry["training"]["cpu_hours"],
             "gpu_minutes": entry["training"]["gpu_minutes"],

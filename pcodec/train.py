@@ -220,9 +220,14 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
     state = {"step": 0, "seconds": 0.0, "gpu_seconds": 0.0, "images": 0, "history": [],
              "host_seconds": {}}
     saved_average = None
+    # How the weights' post-filter was trained (postfilter.export_post_filter), carried to
+    # the export: its hours are part of what any weights made from these cost.
+    filter_record = None
 
     def restore():
+        nonlocal filter_record
         checkpoint = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
+        filter_record = checkpoint.get("post_filter")
         model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, main_params, checkpoint["optimizer"])
         # The saved groups carry the run's old settings; a resume with --set takes the new.
@@ -254,6 +259,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
         if unexpected:
             print(f"ignored parameters from {init_weights}: {', '.join(unexpected)}", file=log)
         state.update({k: weights["state"][k] for k in STATE_KEYS if k in weights["state"]})
+        filter_record = weights.get("post_filter")
         model.restore_spreads(weights)
         if weights["config"].get("stage", "ladder") != config.stage:
             # A new stage runs its own schedule from step 0; hours, crops and the history
@@ -301,6 +307,7 @@ def train(config: TrainConfig, data: Path, run_dir: Path, steps: int, init_weigh
                      "aux_optimizer": aux_optimizer.state_dict(), "state": state,
                      "reconstruction_spreads": model.reconstruction_spreads,
                      "config": asdict(config),
+                     **({"post_filter": filter_record} if filter_record else {}),
                      **({"ema": average.state_dict()} if average is not None else {})},
                     checkpoint_path)
 

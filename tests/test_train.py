@@ -878,6 +878,18 @@ def test_a_post_filter_trains_resumes_and_exports_with_the_codecs_own_bytes(phot
     stream, new_stream = engine.encode(old, image), engine.encode(new, image)
     assert engine.read_stream(new, new_stream)[1] == engine.read_stream(old, stream)[1]
     assert not np.array_equal(engine.decode(new, new_stream), engine.decode(old, stream))
+    # The encoder fine-tuned for them keeps their filter, how it was trained and its hours.
+    start = torch.load(models / "tiny-post.pt", weights_only=True)["state"]["step"]
+    tuning = replace(recipes.CONFIGS["tiny"], threads=1, ema_decay=0, train_only="analysis")
+    train.train(tuning, photos, tmp_path / "encoder", start + 2, models / "tiny-post.pt", None)
+    entry = export.export_model(tmp_path / "encoder", "tiny-encoder", None, "test",
+                                models_folder=models)
+    assert entry["training"]["post_filter"]["steps"] == 6
+    assert sum(entry["training"]["hours_by_machine"].values()) == pytest.approx(
+        entry["training"]["cpu_hours"], abs=0.002)
+    encoder = load_weights_file(models / "tiny-encoder.pt")
+    assert all(np.array_equal(encoder.state[key], new.state[key])
+               for key in new.state if key.startswith("post."))
     # Weights with a filter: a coarse branch is added to it and starts as the filter was.
     branch_run = tmp_path / "coarse"
     postfilter.train_post_filter(models / "tiny-post.pt", photos, branch_run, steps=0,
